@@ -1,0 +1,119 @@
+"""The safetensors weights of one component folder: which files, which keys, one tensor at a time.
+
+Tensors are read one by one through safetensors' memory map, so the loader never holds more than
+the layer it is working on in full precision. Pickle checkpoints are refused: unpickling runs
+arbitrary code, and we never need it because every format we load exists as safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# diffusers' and transformers' single-file names; other *.safetensors beside them are variants (fp16, ...)
+_STANDARD_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+
+
+class CheckpointError(ValueError):
+    """Weights that cannot be read: the message names the file and what to do."""
+
+
+class ComponentCheckpoint:
+    """The safetensors files of one component (single file, or sharded with an index)."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.files = _find_weight_files(self.folder)
+        self._handles = {path: _open(path) for path in self.files}
+        self._file_of: dict[str, Path] = {}
+        for path, handle in self._handles.items():
+            for key in handle.keys():
+                self._file_of[key] = path
+        self._check_index_covers_keys()
+
+    def keys(self) -> list[str]:
+        return list(self._file_of)
+
+    def file_of(self, key: str) -> Path:
+        return self._file_of[key]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._handles[self._file_of[key]].get_slice(key).get_shape())
+
+    def dtype(self, key: str) -> str:
+        """The stored dtype as safetensors names it (e.g. "BF16")."""
+        return self._handles[self._file_of[key]].get_slice(key).get_dtype()
+
+    def read(self, key: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        path = self._file_of[key]
+        try:
+            if torch.device(device).type == "cpu":
+                return self._handles[path].get_tensor(key)
+            with safe_open(path, framework="pt", device=str(device)) as handle:
+                return handle.get_tensor(key)
+        except SafetensorError as error:
+            raise CheckpointError(
+                f"{path}: cannot read tensor {key!r} ({error}). The file is truncated or corrupt; "
+                "replace it with a complete copy."
+            ) from error
+
+    def _check_index_covers_keys(self) -> None:
+        index_path = _index_file(self.folder)
+        if index_path is None:
+            return
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+        absent = sorted(set(weight_map) - set(self._file_of))
+        if absent:
+            raise CheckpointError(
+                f"{index_path} lists {len(absent)} tensors that no shard holds (e.g. {absent[:3]}). "
+                "A shard is missing or incomplete; replace the component's files with a complete copy."
+            )
+
+
+def _index_file(folder: Path) -> Path | None:
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    return indexes[0] if indexes else None
+
+
+def _find_weight_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is not a folder; a component needs its own folder of weights.")
+    index_path = _index_file(folder)
+    if index_path is not None:
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as error:
+            raise CheckpointError(f"{index_path} is not a valid safetensors index ({error}).") from error
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        missing = [path.name for path in files if not path.is_file()]
+        if missing:
+            raise CheckpointError(f"{index_path} names shards that do not exist: {', '.join(missing)}.")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    standard = [path for path in files if path.name in _STANDARD_NAMES]
+    if standard:
+        return standard[:1]
+    if files:
+        return files
+    pickles = sorted(path.name for path in folder.iterdir() if path.suffix in _PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(
+            f"{folder} holds only pickle weights ({', '.join(pickles)}). pipequant reads safetensors only, "
+            "because loading a pickle can run arbitrary code. Convert the weights to safetensors with the "
+            "library that made them (e.g. model.save_pretrained(path, safe_serialization=True))."
+        )
+    raise CheckpointError(f"{folder} holds no weights (*.safetensors).")
+
+
+def _open(path: Path):
+    try:
+        return safe_open(path, framework="pt")
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({error}). It is truncated or corrupt; "
+            "replace it with a complete copy."
+        ) from error

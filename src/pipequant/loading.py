@@ -1,0 +1,271 @@
+"""Load a diffusers pipeline folder, quantizing chosen components while their weights stream in.
+
+The flow goes one way: resolve the folder, read `model_index.json`, resolve and validate the
+quantization config per component (before any weight is read), then load each component —
+non-models and unquantized models with their own `from_pretrained`, quantized models by
+streaming (see `streaming.py`) — and assemble the pipeline class the index names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import inspect
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .backends import backend_for
+from .backends.base import BackendConfig
+from .checkpoint import CheckpointError, ComponentCheckpoint
+from .config import PipelineQuantizationConfig
+from .quantizing import quantize_model
+from .streaming import ProgressCallback, build_empty_model, count_layers, stream_model
+
+
+class PipelineFolderError(ValueError):
+    """A path or repo id that is not a usable diffusers pipeline."""
+
+
+@dataclasses.dataclass
+class PipelineIndex:
+    """What `model_index.json` says: the pipeline class and, per component, its library and class."""
+
+    folder: Path
+    pipeline_class_name: str
+    components: dict[str, tuple[str, str] | None]
+    settings: dict[str, Any]
+
+    def component_class(self, name: str) -> type | None:
+        entry = self.components[name]
+        return None if entry is None else _import_class(*entry, component=name)
+
+    def split_components(self) -> tuple[list[str], list[str]]:
+        """(torch-model components, other components such as tokenizers and schedulers)."""
+        models, others = [], []
+        for name in self.components:
+            cls = self.component_class(name)
+            if cls is None:
+                continue
+            (models if issubclass(cls, nn.Module) else others).append(name)
+        return models, others
+
+
+def resolve_pipeline_folder(path_or_repo_id: str | Path) -> Path:
+    """A local folder as is; anything else is a Hub repo id, fetched (or found in the cache) by huggingface_hub."""
+    path = Path(path_or_repo_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or str(path_or_repo_id).count("/") != 1:
+        raise PipelineFolderError(
+            f"{path_or_repo_id!r} is neither a pipeline folder nor a Hub repo id of the form 'owner/name'."
+        )
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(path_or_repo_id), allow_patterns=["*.json", "*.txt", "*.model", "*.safetensors", "*.gguf"]))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
+        raise PipelineFolderError(
+            f"{path_or_repo_id!r} is not a local folder, and fetching it from the Hub failed ({error}). "
+            "Check the repo id, your network and HF token, or pass a local folder."
+        ) from error
+
+
+def read_pipeline_index(folder: str | Path) -> PipelineIndex:
+    folder = Path(folder)
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        raise PipelineFolderError(
+            f"{folder} has no model_index.json, so it is not a diffusers pipeline folder. "
+            "For a single model use pipequant.load_model."
+        )
+    try:
+        raw = json.loads(index_path.read_text())
+    except json.JSONDecodeError as error:
+        raise PipelineFolderError(f"{index_path} is not valid JSON ({error}).") from error
+    components: dict[str, tuple[str, str] | None] = {}
+    settings: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key.startswith("_"):
+            continue
+        if isinstance(value, list) and len(value) == 2:
+            components[key] = None if value[0] is None or value[1] is None else (value[0], value[1])
+        else:
+            settings[key] = value
+    return PipelineIndex(folder, raw["_class_name"], components, settings)
+
+
+def load_model(
+    model_class: type[nn.Module],
+    folder: str | Path,
+    quantization_config: BackendConfig | None = None,
+    torch_dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    on_layer: ProgressCallback | None = None,
+) -> nn.Module:
+    """Load one model (a diffusers or transformers class) from its folder, quantizing while streaming.
+
+    Without a config it is loaded by streaming too, unquantized. `torch_dtype=None` keeps the
+    checkpoint's dtype.
+    """
+    device = torch.device(device or "cpu")
+    if quantization_config is not None:
+        backend = backend_for(quantization_config)
+        backend.require()
+        backend.check_device(quantization_config, device)
+    folder = Path(folder)
+    checkpoint = ComponentCheckpoint(folder)
+    model = build_empty_model(model_class, folder)
+    return stream_model(model, checkpoint, config=quantization_config, dtype=torch_dtype, device=device, on_layer=on_layer)
+
+
+def load_pipeline(
+    path_or_repo_id: str | Path,
+    quantization_config: PipelineQuantizationConfig | None = None,
+    torch_dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    **components: Any,
+):
+    """Load a diffusers pipeline, quantizing the components `quantization_config` names as they load.
+
+    Components passed as keywords (``text_encoder_2=my_model``) are used as given, and quantized
+    too when the config names them. Returns the diffusers pipeline class named in the index, with
+    the config on its ``quantization_config`` attribute.
+    """
+    folder = resolve_pipeline_folder(path_or_repo_id)
+    index = read_pipeline_index(folder)
+    model_names, other_names = index.split_components()
+    unknown = sorted(set(components) - set(index.components))
+    if unknown:
+        raise TypeError(
+            f"load_pipeline got {', '.join(map(repr, unknown))}, which {index.pipeline_class_name} does not have. "
+            f"Its components: {', '.join(index.components)}."
+        )
+    configs = quantization_config.resolve(model_names, other_names) if quantization_config is not None else {}
+    target = torch.device(device or "cpu")
+    for config in configs.values():
+        backend = backend_for(config)
+        backend.require()
+        backend.check_device(config, target)
+
+    loaded: dict[str, Any] = {}
+    with _progress_bars(progress) as add_task:
+        for name in index.components:
+            if name in components:
+                given = components[name]
+                if name in configs and isinstance(given, nn.Module):
+                    given = quantize_model(given, configs[name], target)
+                loaded[name] = given
+            else:
+                loaded[name] = _load_component(index, name, configs.get(name), torch_dtype, target, add_task)
+
+    pipeline = _assemble(index, loaded)
+    pipeline.quantization_config = quantization_config
+    return pipeline
+
+
+def _load_component(
+    index: PipelineIndex,
+    name: str,
+    config: BackendConfig | None,
+    torch_dtype: torch.dtype | None,
+    device: torch.device,
+    add_task,
+) -> Any:
+    cls = index.component_class(name)
+    if cls is None:
+        return None
+    folder = index.folder / name
+    if config is not None:
+        checkpoint = ComponentCheckpoint(folder)
+        model = build_empty_model(cls, folder)
+        on_layer = add_task(f"{name} ({config.backend_name})", count_layers(model))
+        return stream_model(model, checkpoint, config=config, dtype=torch_dtype, device=device, on_layer=on_layer)
+    if issubclass(cls, nn.Module):
+        ComponentCheckpoint(folder)  # the same clear errors for bad files as the streaming path
+        kwargs = {} if torch_dtype is None else {_dtype_keyword(cls): torch_dtype}
+        model = cls.from_pretrained(folder, **kwargs)
+        add_task(name, 1)(1, 1)
+        return model.to(device) if device.type != "cpu" else model
+    return cls.from_pretrained(folder)
+
+
+def _dtype_keyword(cls: type) -> str:
+    """transformers 5 renamed `torch_dtype` to `dtype`; diffusers still uses `torch_dtype`."""
+    return "dtype" if cls.__module__.startswith("transformers") else "torch_dtype"
+
+
+def _assemble(index: PipelineIndex, components: dict[str, Any]):
+    import diffusers
+
+    pipeline_class = getattr(diffusers, index.pipeline_class_name, None)
+    if pipeline_class is None:
+        raise PipelineFolderError(
+            f"{index.folder}/model_index.json names pipeline class {index.pipeline_class_name!r}, which this "
+            f"diffusers ({diffusers.__version__}) does not have. Upgrade diffusers."
+        )
+    accepted = inspect.signature(pipeline_class.__init__).parameters
+    settings = {k: v for k, v in index.settings.items() if k in accepted}
+    pipeline = pipeline_class(**components, **settings)
+    pipeline.register_to_config(_name_or_path=str(index.folder))
+    return pipeline
+
+
+def _import_class(library: str, class_name: str, *, component: str) -> type:
+    try:
+        return getattr(importlib.import_module(library), class_name)
+    except (ImportError, AttributeError) as error:
+        raise PipelineFolderError(
+            f"model_index.json says component {component!r} is {library}.{class_name}, which cannot be imported "
+            f"({error}). Install or upgrade {library!r}."
+        ) from error
+
+
+def _ignore_progress(done: int, total: int) -> None:
+    pass
+
+
+@contextlib.contextmanager
+def _progress_bars(enabled: bool) -> Iterator[Any]:
+    """Yields add_task(description, total) -> ProgressCallback; rich bars when enabled, silent otherwise."""
+    if not enabled:
+        yield lambda description, total: _ignore_progress
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bars:
+
+        def add_task(description: str, total: int) -> ProgressCallback:
+            task = bars.add_task(description, total=total)
+            return lambda done, _total: bars.update(task, completed=done)
+
+        yield add_task
+
+
+def quantize_pipeline(pipeline, config: PipelineQuantizationConfig, device: torch.device | str | None = None):
+    """Quantize the components of an in-memory pipeline that `config` names, layer by layer, in place."""
+    models = [name for name, value in pipeline.components.items() if isinstance(value, nn.Module)]
+    others = [name for name, value in pipeline.components.items() if value is not None and name not in models]
+    for name, component_config in config.resolve(models, others).items():
+        quantize_model(getattr(pipeline, name), component_config, device)
+    pipeline.quantization_config = config
+    return pipeline
+
+
+__all__ = [
+    "CheckpointError",
+    "PipelineFolderError",
+    "PipelineIndex",
+    "load_model",
+    "load_pipeline",
+    "quantize_pipeline",
+    "read_pipeline_index",
+    "resolve_pipeline_folder",
+]

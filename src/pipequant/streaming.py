@@ -1,0 +1,220 @@
+"""Build a model on the meta device and stream its weights in, one layer at a time.
+
+Peak memory is the quantized model plus one layer in full precision: each layer's tensors are
+read from the memory-mapped safetensors, quantized if the backend takes the layer, and the
+full-precision copy is dropped before the next layer is read. diffusers and transformers instead
+materialize the whole full-precision state first (or need a GPU for bitsandbytes).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+
+from .backends import backend_for
+from .backends.base import BackendConfig, matches_module_pattern
+from .checkpoint import CheckpointError, ComponentCheckpoint
+from .quantizing import (
+    RECORD_ATTRIBUTE,
+    QuantizationRecord,
+    keep_in_fp32_patterns,
+    quantization_targets,
+    replace_module,
+)
+
+#: called after each layer with the number of layers done and the total
+ProgressCallback = Callable[[int, int], None]
+
+
+def build_empty_model(model_class: type[nn.Module], folder: Path) -> nn.Module:
+    """The model with its parameters on the meta device, from the config in `folder`.
+
+    Buffers are real (created on the CPU), as accelerate's `init_empty_weights` leaves them, so
+    non-persistent buffers (position ids, rotary tables) that no checkpoint holds are ready.
+    """
+    if hasattr(model_class, "load_config") and hasattr(model_class, "from_config"):  # a diffusers model
+        config = model_class.load_config(folder)
+        with init_empty_weights():
+            return model_class.from_config(config)
+    config_class = getattr(model_class, "config_class", None)
+    if config_class is None:
+        raise CheckpointError(
+            f"{model_class.__name__} is neither a diffusers nor a transformers model; pipequant cannot build it "
+            "from a config. Load it yourself and pass it to load_pipeline as a component."
+        )
+    config = config_class.from_pretrained(folder)
+    with init_empty_weights():
+        return model_class(config)
+
+
+def stream_model(
+    model: nn.Module,
+    checkpoint: ComponentCheckpoint,
+    *,
+    config: BackendConfig | None,
+    dtype: torch.dtype | None,
+    device: torch.device,
+    on_layer: ProgressCallback | None = None,
+) -> nn.Module:
+    """Fill a meta-device `model` from `checkpoint`, quantizing layers as `config` says, in place."""
+    backend = backend_for(config) if config is not None else None
+    targets = quantization_targets(model, backend, config) if backend is not None else set()
+    keep_fp32 = keep_in_fp32_patterns(model)
+    key_map = _match_keys(model, checkpoint)
+
+    owners = [(name, module) for name, module in model.named_modules() if _own_state_names(module)]
+    full_nbytes = 0
+    parameter_count = 0
+    for done, (name, module) in enumerate(owners, start=1):
+        in_fp32 = dtype in (torch.float16, torch.bfloat16) and matches_module_pattern(name, keep_fp32)
+        layer_dtype = torch.float32 if in_fp32 else dtype
+        for tensor_name, is_param in _own_state_names(module).items():
+            full_key = f"{name}.{tensor_name}" if name else tensor_name
+            if full_key not in key_map:
+                continue  # a tied parameter, filled by tie_weights below
+            tensor = _cast(checkpoint.read(key_map[full_key], device), layer_dtype)
+            if is_param:
+                module._parameters[tensor_name] = nn.Parameter(tensor, requires_grad=False)
+                parameter_count += tensor.numel()
+            else:
+                module._buffers[tensor_name] = tensor
+            full_nbytes += tensor.numel() * tensor.element_size()
+        if name in targets:
+            assert backend is not None and config is not None
+            replace_module(model, name, backend.quantize(module, config, device))
+        if on_layer is not None:
+            on_layer(done, len(owners))
+
+    _finish_buffers(model, dtype, keep_fp32, device)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    _check_nothing_left_on_meta(model, checkpoint)
+    model.eval()
+    if backend is not None and config is not None:
+        setattr(
+            model,
+            RECORD_ATTRIBUTE,
+            QuantizationRecord(config, backend.name, len(targets), full_nbytes, parameter_count),
+        )
+    return model
+
+
+def count_layers(model: nn.Module) -> int:
+    """How many modules own tensors: the unit of streaming progress."""
+    return sum(1 for module in model.modules() if _own_state_names(module))
+
+
+def _own_state_names(module: nn.Module) -> dict[str, bool]:
+    """The module's own saved tensors: name -> is a parameter (False: a persistent buffer)."""
+    names = {name: True for name, param in module._parameters.items() if param is not None}
+    non_persistent = getattr(module, "_non_persistent_buffers_set", set())
+    for name, buffer in module._buffers.items():
+        if buffer is not None and name not in non_persistent:
+            names[name] = False
+    return names
+
+
+def _expected_keys(model: nn.Module) -> tuple[set[str], set[str]]:
+    """(keys the checkpoint must hold, tied keys it may leave out)."""
+    tied: set[str] = set()
+    for group in _tied_groups(model):
+        tied.update(group[1:])
+    expected = set(model.state_dict(keep_vars=True).keys())
+    return expected, tied
+
+
+def _tied_groups(model: nn.Module) -> list[list[str]]:
+    """Names that share one parameter; all but the first may be absent from a checkpoint."""
+    mapping = getattr(model, "all_tied_weights_keys", None)  # transformers >= 5: {target: source}
+    if isinstance(mapping, dict):
+        return [[source, target] for target, source in mapping.items()]
+    by_id: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(param), []).append(name)
+    return [names for names in by_id.values() if len(names) > 1]
+
+
+def _match_keys(model: nn.Module, checkpoint: ComponentCheckpoint) -> dict[str, str]:
+    """Model key -> checkpoint key, allowing the base-model prefix on one side only.
+
+    Missing and unexpected keys are an error naming them: a checkpoint that does not fit its
+    config would otherwise leave random or meta weights behind.
+    """
+    expected, tied = _expected_keys(model)
+    stored = set(checkpoint.keys())
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    key_map: dict[str, str] = {}
+    for key in expected:
+        for candidate in (key, f"{prefix}.{key}" if prefix else None, key.removeprefix(f"{prefix}.") if prefix else None):
+            if candidate in stored:
+                key_map[key] = candidate
+                break
+    missing = sorted(k for k in expected - set(key_map) - tied if not _ignored(model, "missing", k))
+    unexpected = sorted(k for k in stored - set(key_map.values()) if not _ignored(model, "unexpected", k))
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} keys the model needs ({_sample(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} keys the model does not have ({_sample(unexpected)})")
+    if problems:
+        raise CheckpointError(
+            f"{checkpoint.folder}: the weights do not fit {type(model).__name__} built from its config.json: "
+            + "; ".join(problems)
+            + ". The config and the weights come from different models, or a file is incomplete."
+        )
+    for key, stored_key in key_map.items():
+        want = tuple(model.get_parameter(key).shape) if _is_param(model, key) else tuple(model.get_buffer(key).shape)
+        have = checkpoint.shape(stored_key)
+        if want != have:
+            raise CheckpointError(
+                f"{checkpoint.file_of(stored_key)}: tensor {stored_key!r} has shape {have}, but the model built "
+                f"from config.json expects {want}. The config and the weights come from different models."
+            )
+    return key_map
+
+
+def _is_param(model: nn.Module, key: str) -> bool:
+    module_name, _, name = key.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    return name in module._parameters
+
+
+def _ignored(model: nn.Module, kind: str, key: str) -> bool:
+    patterns = getattr(model, f"_keys_to_ignore_on_load_{kind}", None) or ()
+    return any(re.search(pattern, key) for pattern in patterns)
+
+
+def _sample(keys: list[str]) -> str:
+    shown = ", ".join(keys[:5])
+    return shown + (f", ... and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    if dtype is None or not tensor.is_floating_point() or tensor.dtype == dtype:
+        return tensor
+    return tensor.to(dtype)
+
+
+def _finish_buffers(model: nn.Module, dtype: torch.dtype | None, keep_fp32: list[str], device: torch.device) -> None:
+    """Non-persistent buffers were made on the CPU at build time: cast and move them like the weights."""
+    for name, module in model.named_modules():
+        non_persistent = getattr(module, "_non_persistent_buffers_set", set())
+        for buffer_name in non_persistent:
+            buffer = module._buffers.get(buffer_name)
+            if buffer is None:
+                continue
+            in_fp32 = matches_module_pattern(name, keep_fp32)
+            module._buffers[buffer_name] = _cast(buffer, None if in_fp32 else dtype).to(device)
+
+
+def _check_nothing_left_on_meta(model: nn.Module, checkpoint: ComponentCheckpoint) -> None:
+    left = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.device.type == "meta"]
+    if left:
+        raise CheckpointError(
+            f"{checkpoint.folder}: no weights were found for {_sample(left)}; the checkpoint is incomplete."
+        )
