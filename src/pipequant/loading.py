@@ -190,16 +190,11 @@ def _load_component(
         return stream_model(model, checkpoint, config=config, dtype=torch_dtype, device=device, on_layer=on_layer)
     if issubclass(cls, nn.Module):
         ComponentCheckpoint(folder)  # the same clear errors for bad files as the streaming path
-        kwargs = {} if torch_dtype is None else {_dtype_keyword(cls): torch_dtype}
+        kwargs = {} if torch_dtype is None else {"dtype": torch_dtype}  # the keyword of diffusers >= 0.42 and transformers 5
         model = cls.from_pretrained(folder, **kwargs)
         add_task(name, 1)(1, 1)
         return model.to(device) if device.type != "cpu" else model
     return cls.from_pretrained(folder)
-
-
-def _dtype_keyword(cls: type) -> str:
-    """transformers 5 renamed `torch_dtype` to `dtype`; diffusers still uses `torch_dtype`."""
-    return "dtype" if cls.__module__.startswith("transformers") else "torch_dtype"
 
 
 def _assemble(index: PipelineIndex, components: dict[str, Any]):

@@ -32,10 +32,33 @@ class QuantizationRecord:
     parameter_count: int
 
 
+def _fp32_lists(model: nn.Module) -> tuple[list[str], list[str]]:
+    keep: Any = getattr(model, "_keep_in_fp32_modules", None) or ()
+    strict: Any = getattr(model, "_keep_in_fp32_modules_strict", None) or ()
+    return list(keep), list(strict)
+
+
 def keep_in_fp32_patterns(model: nn.Module) -> list[str]:
-    """Modules the model class itself keeps in float32 (e.g. T5's `wo`): never quantized, never downcast."""
-    patterns: Any = getattr(model, "_keep_in_fp32_modules", None) or ()
-    return list(patterns)
+    """Modules the model class keeps in float32 (e.g. T5's `wo`): never quantized, as diffusers and
+    transformers leave them out of quantization too."""
+    keep, strict = _fp32_lists(model)
+    return keep + strict
+
+
+def float32_patterns(model: nn.Module, dtype: torch.dtype | None) -> list[str]:
+    """Modules the model's own `from_pretrained` would load in float32 at `dtype`.
+
+    diffusers upcasts `_keep_in_fp32_modules` at any dtype; transformers only at float16, and its
+    `_keep_in_fp32_modules_strict` at float16 and bfloat16. Following each library's rule keeps a
+    streamed component identical to one its own library loads.
+    """
+    if dtype not in (torch.float16, torch.bfloat16):
+        return []
+    keep, strict = _fp32_lists(model)
+    from_transformers = type(model).__module__.startswith("transformers")
+    if from_transformers and dtype == torch.bfloat16:
+        keep = []
+    return keep + strict
 
 
 def quantization_targets(model: nn.Module, backend: Backend, config: BackendConfig) -> set[str]:
@@ -49,8 +72,10 @@ def quantization_targets(model: nn.Module, backend: Backend, config: BackendConf
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where `name` was, in the same train/eval mode (kernels pick their path by it)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
+    new.train(getattr(parent, child).training)
     setattr(parent, child, new)
 
 

@@ -22,7 +22,7 @@ from .checkpoint import CheckpointError, ComponentCheckpoint
 from .quantizing import (
     RECORD_ATTRIBUTE,
     QuantizationRecord,
-    keep_in_fp32_patterns,
+    float32_patterns,
     quantization_targets,
     replace_module,
 )
@@ -64,15 +64,14 @@ def stream_model(
     """Fill a meta-device `model` from `checkpoint`, quantizing layers as `config` says, in place."""
     backend = backend_for(config) if config is not None else None
     targets = quantization_targets(model, backend, config) if backend is not None else set()
-    keep_fp32 = keep_in_fp32_patterns(model)
+    keep_fp32 = float32_patterns(model, dtype)
     key_map = _match_keys(model, checkpoint)
 
     owners = [(name, module) for name, module in model.named_modules() if _own_state_names(module)]
     full_nbytes = 0
     parameter_count = 0
     for done, (name, module) in enumerate(owners, start=1):
-        in_fp32 = dtype in (torch.float16, torch.bfloat16) and matches_module_pattern(name, keep_fp32)
-        layer_dtype = torch.float32 if in_fp32 else dtype
+        layer_dtype = torch.float32 if matches_module_pattern(name, keep_fp32) else dtype
         for tensor_name, is_param in _own_state_names(module).items():
             full_key = f"{name}.{tensor_name}" if name else tensor_name
             if full_key not in key_map:
@@ -91,6 +90,8 @@ def stream_model(
             on_layer(done, len(owners))
 
     _finish_buffers(model, dtype, keep_fp32, device)
+    if dtype is not None and hasattr(getattr(model, "config", None), "dtype"):
+        model.config.dtype = dtype  # what transformers' from_pretrained records, and saves
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     _check_nothing_left_on_meta(model, checkpoint)

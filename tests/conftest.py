@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny pipelines of real architectures, built once per test session, offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipequant.fixtures import make_tiny_pipeline
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def flux_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_pipeline(tmp_path_factory.mktemp("pipelines") / "flux", "flux")
+
+
+@pytest.fixture(scope="session")
+def sd_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_pipeline(tmp_path_factory.mktemp("pipelines") / "sd", "sd")
+
+
+def _generate(pipe, steps: int = 2, seed: int = 0):
+    return pipe(
+        "photo of a cute dog",
+        num_inference_steps=steps,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="np",
+    ).images[0]
+
+
+@pytest.fixture(scope="session")
+def generate():
+    """generate(pipe, steps=2, seed=0) -> one small image as a numpy array, the same call everywhere."""
+    return _generate
