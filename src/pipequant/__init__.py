@@ -2,20 +2,31 @@
 
 from .backends.base import MissingBackendError, QuantizationConfigError
 from .backends.bitsandbytes import BitsAndBytesConfig
+from .backends.gguf.config import GGUFQuantizationConfig
+from .backends.quanto import QuantoConfig
+from .backends.torchao import TorchAoConfig
 from .checkpoint import CheckpointError
 from .config import PipelineQuantizationConfig
+from .gguf_saving import save_gguf
 from .loading import PipelineFolderError, load_model, load_pipeline, quantize_pipeline
 from .quantizing import quantize_model
+from .saving import save_model, save_pipeline
 
 __all__ = [
     "BitsAndBytesConfig",
     "CheckpointError",
+    "GGUFQuantizationConfig",
     "MissingBackendError",
     "PipelineFolderError",
     "PipelineQuantizationConfig",
     "QuantizationConfigError",
+    "QuantoConfig",
+    "TorchAoConfig",
     "load_model",
     "load_pipeline",
     "quantize_model",
     "quantize_pipeline",
+    "save_gguf",
+    "save_model",
+    "save_pipeline",
 ]

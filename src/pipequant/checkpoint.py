@@ -29,6 +29,9 @@ class ComponentCheckpoint:
         self.folder = Path(folder)
         self.files = _find_weight_files(self.folder)
         self._handles = {path: _open(path) for path in self.files}
+        self._metadata: dict[str, str] = {}
+        for handle in self._handles.values():
+            self._metadata.update(handle.metadata() or {})
         self._file_of: dict[str, Path] = {}
         for path, handle in self._handles.items():
             for key in handle.keys():
@@ -43,6 +46,10 @@ class ComponentCheckpoint:
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._handles[self._file_of[key]].get_slice(key).get_shape())
+
+    def metadata(self) -> dict[str, str]:
+        """The string metadata of every file's safetensors header, merged (where savers keep non-tensor state)."""
+        return self._metadata
 
     def dtype(self, key: str) -> str:
         """The stored dtype as safetensors names it (e.g. "BF16")."""

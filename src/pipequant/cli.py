@@ -98,5 +98,53 @@ def demo(
     console.print(f"Generated {image.size[0]}x{image.size[1]} image in {time.perf_counter() - started:.2f} s: {image_path}")
 
 
+@app.command()
+def quantize(
+    path: str = typer.Argument(..., help="Pipeline folder or Hub repo id."),
+    backend: str = typer.Option(..., help="Quantization backend; 'gguf' writes one .gguf file."),
+    qtype: str = typer.Option(..., "--type", help="GGML type, e.g. Q4_K, Q5_K, Q6_K, Q8_0."),
+    out: Path = typer.Option(..., help="The .gguf file to write."),
+    component: str = typer.Option(None, help="Component to quantize (default: transformer, else unet)."),
+    rule: list[str] = typer.Option([], "--rule", help="PATTERN=TYPE: a per-layer type, first match wins (repeatable)."),
+    keep: list[str] = typer.Option([], "--keep", help="Module pattern kept in full precision (repeatable)."),
+    layout: str = typer.Option("auto", help="Tensor names: auto, bfl (Flux, for ComfyUI-GGUF / sd.cpp) or diffusers."),
+    overwrite: bool = typer.Option(False, help="Replace an existing file."),
+) -> None:
+    """Quantize one component layer by layer as it loads and write it to a .gguf file (loadable by load_pipeline)."""
+    from . import GGUFQuantizationConfig, load_model, save_gguf
+    from .backends.gguf import type_fallbacks
+    from .loading import read_pipeline_index, resolve_pipeline_folder
+
+    if backend != "gguf":
+        raise typer.BadParameter(
+            f"{backend!r} has no single-file format; only 'gguf' is exported by this command "
+            "(save other backends with pipequant.save_pipeline).",
+            param_hint="--backend",
+        )
+    rules = dict(_pattern_rule(text) for text in rule)
+    config = GGUFQuantizationConfig(quant_type=qtype, type_rules=rules or None, modules_to_not_convert=keep or None)
+    index = read_pipeline_index(resolve_pipeline_folder(path))
+    name = component or next((c for c in ("transformer", "unet") if c in index.components), None)
+    if name is None or index.component_class(name) is None:
+        raise typer.BadParameter(f"{index.pipeline_class_name} has no component {name!r}.", param_hint="--component")
+    started = time.perf_counter()
+    model = load_model(index.component_class(name), index.folder / name, config)
+    written = save_gguf(model, out, layout=layout, overwrite=overwrite)
+    fallbacks = type_fallbacks(model)
+    console.print(
+        f"Wrote {name} ({type(model).__name__}, {config!r}) to {written}: {format_bytes(written.stat().st_size)} "
+        f"in {time.perf_counter() - started:.1f} s"
+    )
+    for layer, (asked, stored) in fallbacks.items():
+        console.print(f"  {layer}: {stored} (rows do not fit {asked} blocks)")
+
+
+def _pattern_rule(text: str) -> tuple[str, str]:
+    pattern, sep, qtype = text.rpartition("=")
+    if not sep or not pattern:
+        raise typer.BadParameter(f"{text!r} is not PATTERN=TYPE (e.g. '*.attn.to_q=Q8_0').", param_hint="--rule")
+    return pattern, qtype
+
+
 def main() -> None:
     app()

@@ -24,7 +24,9 @@ from .backends import backend_for
 from .backends.base import BackendConfig
 from .checkpoint import CheckpointError, ComponentCheckpoint
 from .config import PipelineQuantizationConfig
+from .gguf_loading import is_gguf_file, load_gguf_model
 from .quantizing import quantize_model
+from .restoring import saved_config
 from .streaming import ProgressCallback, build_empty_model, count_layers, stream_model
 
 
@@ -108,21 +110,38 @@ def load_model(
     torch_dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     on_layer: ProgressCallback | None = None,
+    *,
+    config_folder: str | Path | None = None,
 ) -> nn.Module:
     """Load one model (a diffusers or transformers class) from its folder, quantizing while streaming.
 
     Without a config it is loaded by streaming too, unquantized. `torch_dtype=None` keeps the
-    checkpoint's dtype.
+    checkpoint's dtype. A folder saved already quantized is restored from its stored layers with
+    the config saved in it; a `quantization_config` that differs from that one is an error.
+
+    `folder` may also be a single .gguf file (see `gguf_loading.load_gguf_model`); its architecture
+    comes from `config_folder`'s config.json, or from the file when pipequant wrote it.
     """
+    if is_gguf_file(folder):
+        return load_gguf_model(
+            model_class, folder, quantization_config, torch_dtype=torch_dtype, device=device, on_layer=on_layer,
+            config_folder=config_folder,
+        )
+    if config_folder is not None:
+        raise TypeError("config_folder is for .gguf files; a model folder has its own config.json.")
     device = torch.device(device or "cpu")
-    if quantization_config is not None:
-        backend = backend_for(quantization_config)
-        backend.require()
-        backend.check_device(quantization_config, device)
     folder = Path(folder)
+    saved = saved_config(folder, quantization_config)
+    config = saved or quantization_config
+    if config is not None:
+        backend = backend_for(config)
+        backend.require()
+        backend.check_device(config, device)
     checkpoint = ComponentCheckpoint(folder)
     model = build_empty_model(model_class, folder)
-    return stream_model(model, checkpoint, config=quantization_config, dtype=torch_dtype, device=device, on_layer=on_layer)
+    return stream_model(
+        model, checkpoint, config=config, dtype=torch_dtype, device=device, on_layer=on_layer, saved=saved is not None
+    )
 
 
 def load_pipeline(
@@ -136,8 +155,12 @@ def load_pipeline(
     """Load a diffusers pipeline, quantizing the components `quantization_config` names as they load.
 
     Components passed as keywords (``text_encoder_2=my_model``) are used as given, and quantized
-    too when the config names them. Returns the diffusers pipeline class named in the index, with
-    the config on its ``quantization_config`` attribute.
+    too when the config names them. A model component given as the path of a .gguf file
+    (``transformer="flux1-dev-Q4_K_S.gguf"``) is loaded from it, with the component folder's
+    config.json for its architecture. Components saved already quantized (by `save_pipeline`,
+    diffusers or transformers) are restored from their stored layers; a config given for one of
+    them must agree with the saved one. Returns the diffusers pipeline class named in the index,
+    with the config on its ``quantization_config`` attribute.
     """
     folder = resolve_pipeline_folder(path_or_repo_id)
     index = read_pipeline_index(folder)
@@ -149,6 +172,17 @@ def load_pipeline(
             f"Its components: {', '.join(index.components)}."
         )
     configs = quantization_config.resolve(model_names, other_names) if quantization_config is not None else {}
+    gguf_files = {name: value for name, value in components.items() if is_gguf_file(value)}
+    not_models = sorted(set(gguf_files) - set(model_names))
+    if not_models:
+        raise TypeError(f"{', '.join(not_models)} of {index.pipeline_class_name} are not models; a .gguf file holds a model.")
+    gguf_configs = {name: configs.pop(name, None) for name in gguf_files}
+    saved = {
+        name: config
+        for name in model_names
+        if name not in components and (config := saved_config(folder / name, configs.get(name))) is not None
+    }
+    configs.update(saved)
     target = torch.device(device or "cpu")
     for config in configs.values():
         backend = backend_for(config)
@@ -158,13 +192,19 @@ def load_pipeline(
     loaded: dict[str, Any] = {}
     with _progress_bars(progress) as add_task:
         for name in index.components:
-            if name in components:
+            if name in gguf_files:
+                loaded[name] = _load_gguf_component(
+                    index, name, gguf_files[name], gguf_configs[name], torch_dtype, target, add_task
+                )
+            elif name in components:
                 given = components[name]
                 if name in configs and isinstance(given, nn.Module):
                     given = quantize_model(given, configs[name], target)
                 loaded[name] = given
             else:
-                loaded[name] = _load_component(index, name, configs.get(name), torch_dtype, target, add_task)
+                loaded[name] = _load_component(
+                    index, name, configs.get(name), torch_dtype, target, add_task, saved=name in saved
+                )
 
     pipeline = _assemble(index, loaded)
     pipeline.quantization_config = quantization_config
@@ -178,6 +218,7 @@ def _load_component(
     torch_dtype: torch.dtype | None,
     device: torch.device,
     add_task,
+    saved: bool = False,
 ) -> Any:
     cls = index.component_class(name)
     if cls is None:
@@ -187,7 +228,9 @@ def _load_component(
         checkpoint = ComponentCheckpoint(folder)
         model = build_empty_model(cls, folder)
         on_layer = add_task(f"{name} ({config.backend_name})", count_layers(model))
-        return stream_model(model, checkpoint, config=config, dtype=torch_dtype, device=device, on_layer=on_layer)
+        return stream_model(
+            model, checkpoint, config=config, dtype=torch_dtype, device=device, on_layer=on_layer, saved=saved
+        )
     if issubclass(cls, nn.Module):
         ComponentCheckpoint(folder)  # the same clear errors for bad files as the streaming path
         kwargs = {} if torch_dtype is None else {"dtype": torch_dtype}  # the keyword of diffusers >= 0.42 and transformers 5
@@ -195,6 +238,31 @@ def _load_component(
         add_task(name, 1)(1, 1)
         return model.to(device) if device.type != "cpu" else model
     return cls.from_pretrained(folder)
+
+
+def _load_gguf_component(
+    index: PipelineIndex,
+    name: str,
+    path: str | Path,
+    config: BackendConfig | None,
+    torch_dtype: torch.dtype | None,
+    device: torch.device,
+    add_task,
+) -> nn.Module:
+    """A model component from a .gguf file, with its folder's config.json when the pipeline has one."""
+    folder = index.folder / name
+    progress = None
+
+    def on_layer(done: int, total: int) -> None:
+        nonlocal progress
+        if progress is None:
+            progress = add_task(f"{name} ({Path(path).name})", total)
+        progress(done, total)
+
+    return load_gguf_model(
+        index.component_class(name), path, config, torch_dtype=torch_dtype, device=device, on_layer=on_layer,
+        config_folder=folder if (folder / "config.json").is_file() else None,
+    )
 
 
 def _assemble(index: PipelineIndex, components: dict[str, Any]):

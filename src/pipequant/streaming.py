@@ -8,6 +8,7 @@ materialize the whole full-precision state first (or need a GPU for bitsandbytes
 
 from __future__ import annotations
 
+import ctypes
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,7 @@ from .quantizing import (
     quantization_targets,
     replace_module,
 )
+from .restoring import restore_layer, saved_layers
 
 #: called after each layer with the number of layers done and the total
 ProgressCallback = Callable[[int, int], None]
@@ -60,17 +62,38 @@ def stream_model(
     dtype: torch.dtype | None,
     device: torch.device,
     on_layer: ProgressCallback | None = None,
+    saved: bool = False,
 ) -> nn.Module:
-    """Fill a meta-device `model` from `checkpoint`, quantizing layers as `config` says, in place."""
+    """Fill a meta-device `model` from `checkpoint`, quantizing layers as `config` says, in place.
+
+    With `saved`, the checkpoint holds layers already quantized with `config` (see `restoring.py`):
+    each is rebuilt from its stored tensors by the backend, and nothing is quantized.
+    """
     backend = backend_for(config) if config is not None else None
-    targets = quantization_targets(model, backend, config) if backend is not None else set()
+    stored = saved_layers(model, checkpoint, backend) if saved and backend is not None else {}
+    if saved:
+        targets = set(stored)
+    else:
+        targets = quantization_targets(model, backend, config) if backend is not None else set()
     keep_fp32 = float32_patterns(model, dtype)
-    key_map = _match_keys(model, checkpoint)
+    key_map = _match_keys(model, checkpoint, skip=stored)
 
     owners = [(name, module) for name, module in model.named_modules() if _own_state_names(module)]
     full_nbytes = 0
     parameter_count = 0
     for done, (name, module) in enumerate(owners, start=1):
+        if name in stored:
+            assert backend is not None and config is not None
+            for tensor in module.parameters(recurse=False):
+                full_nbytes += tensor.numel() * (dtype or tensor.dtype).itemsize
+                parameter_count += tensor.numel()
+            layer = restore_layer(
+                module, name, stored[name], checkpoint, backend=backend, config=config, dtype=dtype, device=device
+            )
+            replace_module(model, name, layer)
+            if on_layer is not None:
+                on_layer(done, len(owners))
+            continue
         layer_dtype = torch.float32 if matches_module_pattern(name, keep_fp32) else dtype
         for tensor_name, is_param in _own_state_names(module).items():
             full_key = f"{name}.{tensor_name}" if name else tensor_name
@@ -85,7 +108,11 @@ def stream_model(
             full_nbytes += tensor.numel() * tensor.element_size()
         if name in targets:
             assert backend is not None and config is not None
-            replace_module(model, name, backend.quantize(module, config, device))
+            layer = backend.quantize(module, config, device)
+            replace_module(model, name, layer)
+            if layer is not module:  # `owners` still holds the old layer: drop its full-precision tensors now
+                module._parameters.clear()
+            _return_freed_memory()
         if on_layer is not None:
             on_layer(done, len(owners))
 
@@ -103,6 +130,27 @@ def stream_model(
             QuantizationRecord(config, backend.name, len(targets), full_nbytes, parameter_count),
         )
     return model
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap pages freed with the last full-precision layer back to the OS.
+
+    glibc keeps freed chunks below its (self-raising) mmap threshold in the heap, where the small,
+    long-lived quantized tensors interleave with them; without a trim the process keeps about one
+    extra layer-sized hole per layer, and peak memory drifts above the quantized size.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def _load_malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
 
 
 def count_layers(model: nn.Module) -> int:
@@ -123,13 +171,13 @@ def _own_state_names(module: nn.Module) -> dict[str, bool]:
 def _expected_keys(model: nn.Module) -> tuple[set[str], set[str]]:
     """(keys the checkpoint must hold, tied keys it may leave out)."""
     tied: set[str] = set()
-    for group in _tied_groups(model):
+    for group in tied_groups(model):
         tied.update(group[1:])
     expected = set(model.state_dict(keep_vars=True).keys())
     return expected, tied
 
 
-def _tied_groups(model: nn.Module) -> list[list[str]]:
+def tied_groups(model: nn.Module) -> list[list[str]]:
     """Names that share one parameter; all but the first may be absent from a checkpoint."""
     mapping = getattr(model, "all_tied_weights_keys", None)  # transformers >= 5: {target: source}
     if isinstance(mapping, dict):
@@ -140,14 +188,19 @@ def _tied_groups(model: nn.Module) -> list[list[str]]:
     return [names for names in by_id.values() if len(names) > 1]
 
 
-def _match_keys(model: nn.Module, checkpoint: ComponentCheckpoint) -> dict[str, str]:
+def _match_keys(
+    model: nn.Module, checkpoint: ComponentCheckpoint, skip: dict[str, dict[str, str]] | None = None
+) -> dict[str, str]:
     """Model key -> checkpoint key, allowing the base-model prefix on one side only.
 
     Missing and unexpected keys are an error naming them: a checkpoint that does not fit its
-    config would otherwise leave random or meta weights behind.
+    config would otherwise leave random or meta weights behind. The tensors of layers in `skip`
+    (stored quantized: layer name -> its stored keys) are left to the backend that restores them.
     """
+    skip = skip or {}
     expected, tied = _expected_keys(model)
-    stored = set(checkpoint.keys())
+    expected = {key for key in expected if key.rpartition(".")[0] not in skip}
+    stored = set(checkpoint.keys()) - {key for keys in skip.values() for key in keys.values()}
     prefix = getattr(model, "base_model_prefix", "") or ""
     key_map: dict[str, str] = {}
     for key in expected:

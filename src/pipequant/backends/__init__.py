@@ -6,10 +6,16 @@ config class is importable (and validated) without the library installed.
 
 from __future__ import annotations
 
-from .base import Backend, BackendConfig, MissingBackendError, QuantizationConfigError
-from .bitsandbytes import BACKENDS as _BITSANDBYTES
+from collections.abc import Mapping
+from typing import Any
 
-_REGISTRY: dict[str, Backend] = {backend.name: backend for backend in (*_BITSANDBYTES,)}
+from .base import Backend, BackendConfig, LayerState, MissingBackendError, QuantizationConfigError
+from .bitsandbytes import BACKENDS as _BITSANDBYTES
+from .gguf.backend import BACKENDS as _GGUF
+from .quanto import BACKENDS as _QUANTO
+from .torchao import BACKENDS as _TORCHAO
+
+_REGISTRY: dict[str, Backend] = {backend.name: backend for backend in (*_BITSANDBYTES, *_TORCHAO, *_QUANTO, *_GGUF)}
 
 
 def backend_names() -> list[str]:
@@ -34,13 +40,29 @@ def config_classes() -> list[type[BackendConfig]]:
     return list(dict.fromkeys(backend.config_class for backend in _REGISTRY.values()))
 
 
+def config_from_dict(stored: Mapping[str, Any], *, context: str) -> BackendConfig:
+    """The backend config a saved component's ``quantization_config`` describes, found by its ``quant_method``."""
+    if not isinstance(stored, Mapping):
+        raise QuantizationConfigError(f"{context}: quantization_config must be a JSON object, not {stored!r}.")
+    method = stored.get("quant_method")
+    by_method = {cls.quant_method or cls.backend_name: cls for cls in config_classes()}
+    if method not in by_method:
+        raise QuantizationConfigError(
+            f"{context}: quant_method {method!r} is not a quantization backend pipequant can load. "
+            f"Known quant_method values: {', '.join(sorted(by_method))}."
+        )
+    return by_method[method].from_dict(stored, context=context)
+
+
 __all__ = [
     "Backend",
     "BackendConfig",
+    "LayerState",
     "MissingBackendError",
     "QuantizationConfigError",
     "backend_for",
     "backend_names",
     "config_classes",
+    "config_from_dict",
     "get_backend",
 ]

@@ -1,7 +1,8 @@
 """The one small interface between the loader and every quantization backend.
 
 The loader knows a backend only through `Backend`: which layers it takes, how to quantize one
-layer whose weights are already materialized, and how many bytes a quantized layer really holds.
+layer whose weights are already materialized, how many bytes a quantized layer really holds, and
+how one quantized layer is stored and rebuilt from what was stored (see `LayerState`).
 Backend configs are plain dataclasses that can be built and validated without the backend's
 library installed, so a config error shows up before any import or weight read.
 """
@@ -13,7 +14,7 @@ import difflib
 import fnmatch
 import importlib.util
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -73,8 +74,12 @@ class BackendConfig:
     """
 
     backend_name: ClassVar[str]
+    #: `quant_method` in a saved component's config.json, where it differs from `backend_name`
+    #: (diffusers and transformers write "bitsandbytes" for both bitsandbytes backends)
+    quant_method: ClassVar[str | None] = None
 
-    modules_to_not_convert: list[str] | None = None
+    #: keyword-only, so each backend's own options come first positionally, as in diffusers' classes
+    modules_to_not_convert: list[str] | None = dataclasses.field(default=None, kw_only=True)
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -117,15 +122,70 @@ class BackendConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict (dtypes as names), as stored in a saved component's config.json."""
-        out: dict[str, Any] = {"quant_method": self.backend_name}
+        out: dict[str, Any] = {"quant_method": self.quant_method or self.backend_name}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             out[field.name] = str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else value
         return out
 
+    @classmethod
+    def from_dict(cls, stored: Mapping[str, Any], *, context: str) -> BackendConfig:
+        """The config back from `to_dict`'s output (the ``quantization_config`` of a saved component)."""
+        return cls.from_kwargs({k: v for k, v in stored.items() if k != "quant_method"}, context=context)
+
+    def differences(self, given: BackendConfig) -> list[str]:
+        """How `given` (a user's config) disagrees with this one (a saved component's), one line each.
+
+        Loading a saved component with a config that would quantize differently is refused. Which
+        layers are quantized is not compared: a saved component's layers come back as stored.
+        """
+        if type(given) is not type(self) or given.backend_name != self.backend_name:
+            return [f"backend: saved {self.backend_name!r}, given {given.backend_name!r}"]
+        saved, wanted = self.to_dict(), given.to_dict()
+        compared = [k for k in saved if k != "modules_to_not_convert"]
+        return [f"{k}: saved {saved[k]!r}, given {wanted[k]!r}" for k in compared if saved[k] != wanted[k]]
+
+
+@dataclasses.dataclass
+class LayerState:
+    """One quantized layer as stored: what `Backend.save_layer` gives and `Backend.restore` takes.
+
+    `tensors` are plain tensors named relative to the layer ("weight", "weight.absmax", "bias");
+    the saver prefixes them with the layer's name and writes them to safetensors. `metadata` is
+    for what is not a tensor (e.g. a tensor subclass's attributes as JSON); it goes to the
+    safetensors header under the same prefix. Only plain tensors and strings: no pickle.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str] = dataclasses.field(default_factory=dict)
+
 
 class Backend(ABC):
-    """One quantization backend: which layers it takes and how it quantizes one of them."""
+    """One quantization backend: which layers it takes, how it quantizes one, and how one is stored.
+
+    Saving and reloading go through three methods, so a saved component comes back without ever
+    making full-precision weights and without running the quantizer again:
+
+    * `save_layer(layer) -> LayerState`: the stored form of one quantized layer. The default,
+      the layer's own ``state_dict()``, is right for layers that serialize themselves into plain
+      tensors in their library's format (bitsandbytes; optimum-quanto's frozen ``QLinear``:
+      ``weight._data``, ``weight._scale``, ``input_scale``, ``output_scale``).
+    * `stored_as_quantized(names, layer)`: whether the tensors stored under a layer's name are
+      this backend's state rather than plain weights. The default (some stored name is not one
+      of the layer's own tensors) fits every backend whose state adds or renames tensors.
+    * `restore(layer_on_meta, state, config, device) -> nn.Module`: rebuild the quantized layer
+      from the stored tensors. Every backend that saves must implement it.
+
+    How each backend provides them: bitsandbytes stores its layers' own state dicts (the names
+    diffusers and transformers use) and rebuilds them with ``Params4bit.from_prequantized`` /
+    ``Int8Params`` plus SCB. torchao keeps its weights as tensor subclasses: torchao's own
+    safetensors flattening gives plain tensors plus per-tensor JSON (`LayerState.metadata`), and
+    its unflattening rebuilds them. optimum-quanto stores ``QLinear``'s state dict and restores a
+    ``QLinear`` made on meta with quanto's own deserializer. GGUF stores the raw GGML blocks with
+    their type, and rebuilds its linear layer on them (its .gguf files have a writer of their own).
+    A backend without `restore` cannot save: `save_pipeline` refuses rather than write a folder
+    that would not load back.
+    """
 
     name: ClassVar[str]
     config_class: ClassVar[type[BackendConfig]]
@@ -137,7 +197,11 @@ class Backend(ABC):
 
     def require(self) -> None:
         """Fail early, naming the package, when the backend's library is missing."""
-        if importlib.util.find_spec(self.module_name) is None:
+        try:
+            spec = importlib.util.find_spec(self.module_name)
+        except ModuleNotFoundError:  # a dotted name ("optimum.quanto") whose parent package is missing
+            spec = None
+        if spec is None:
             raise MissingBackendError(
                 f"The {self.name!r} backend needs the {self.module_name!r} package, which is not installed. "
                 f"Install it with: pip install 'pipequant[{self.pip_extra}]'"
@@ -165,11 +229,48 @@ class Backend(ABC):
         """Bytes a quantized layer really holds (packed data plus scales), not its logical shape."""
         return sum(tensor_nbytes(t) for t in module.state_dict().values())
 
+    @abstractmethod
+    def estimate_layer_nbytes(
+        self, module_name: str, module: nn.Module, config: BackendConfig, dtype: torch.dtype
+    ) -> int:
+        """What `layer_nbytes` will report once `quantize` has made `module` (on meta, loaded in `dtype`).
+
+        From shapes alone, so a pipeline's quantized size is known before any weight is read
+        (`pipequant.estimate`, `pipequant.plan`). `module_name` is the layer's dotted name, for
+        configs whose choice depends on it (GGUF `type_rules`).
+        """
+
+    def save_layer(self, module: nn.Module) -> LayerState:
+        """The stored form of one quantized layer (see the class docstring)."""
+        return LayerState(dict(module.state_dict()))
+
+    def stored_as_quantized(self, names: Collection[str], module: nn.Module) -> bool:
+        """Whether tensors stored under `module`'s name (relative `names`) are this backend's layer state."""
+        own = {name for name, _ in module.named_parameters(recurse=False)}
+        own |= {name for name, _ in module.named_buffers(recurse=False)}
+        return not set(names) <= own
+
+    def restore(
+        self, module: nn.Module, state: LayerState, config: BackendConfig, device: torch.device
+    ) -> nn.Module:
+        """Rebuild a quantized layer from its stored state; `module` is the full-precision layer on meta.
+
+        Raises ValueError when `state` is not a layer this backend stored.
+        """
+        raise NotImplementedError(f"The {self.name!r} backend cannot restore saved layers yet.")
+
+
+def bias_nbytes(module: nn.Module, dtype: torch.dtype) -> int:
+    """Bytes of a layer's bias kept as a plain tensor in `dtype` (0 without a bias)."""
+    bias = getattr(module, "bias", None)
+    return 0 if bias is None else bias.numel() * dtype.itemsize
+
 
 def tensor_nbytes(tensor: torch.Tensor) -> int:
     """Real storage bytes of a tensor, looking inside tensor subclasses that wrap packed data."""
     flatten = getattr(type(tensor), "__tensor_flatten__", None)
     if flatten is not None and type(tensor) not in (torch.Tensor, nn.Parameter):
         inner_names, _ = tensor.__tensor_flatten__()
-        return sum(tensor_nbytes(getattr(tensor, name)) for name in inner_names)
+        inner = (getattr(tensor, name) for name in inner_names)
+        return sum(tensor_nbytes(t) for t in inner if t is not None)
     return tensor.numel() * tensor.element_size()

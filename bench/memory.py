@@ -1,0 +1,54 @@
+"""Peak-memory sampling shared by the benchmarks.
+
+Peak memory is anonymous memory (RSS less file-backed pages, as psutil's `rss - shared`), sampled
+on a thread: memory-mapped safetensors pages count in RSS, but the kernel drops them under
+pressure, so they are not memory a load needs. The RSS high-water mark is reported beside it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def anonymous_bytes() -> int:
+    """RSS less shared (file-backed) pages, read from /proc like psutil does, but cheaper."""
+    with open("/proc/self/statm") as statm:
+        fields = statm.read().split()
+    return (int(fields[1]) - int(fields[2])) * _PAGE
+
+
+def rss_high_water_mark() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+class PeakSampler:
+    """Samples anonymous memory every `interval` seconds while active; `peak` is the largest sample."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, anonymous_bytes())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakSampler:
+        self.peak = anonymous_bytes()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, anonymous_bytes())

@@ -1,0 +1,31 @@
+"""GGUF backend: GGML quantization codecs in torch (bit-compatible with gguf-py/llama.cpp), the
+`GGUFLinear` layer, and .gguf file reading and writing.
+
+The codecs and the layer need the ``gguf`` package (its type tables); they are imported on first
+use, so `GGUFQuantizationConfig` (in `.config`) can be built and validated without it installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "GGML_TYPES": ".quants",
+    "block_size": ".quants",
+    "dequantize": ".quants",
+    "quantize": ".quants",
+    "type_size": ".quants",
+    "GGUFLinear": ".linear",
+    "GGUFTypeFallbackWarning": ".linear",
+    "type_fallbacks": ".linear",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name], __name__), name)
+
+
+__all__ = sorted(_LAZY)

@@ -1,0 +1,136 @@
+"""The "gguf" backend: full-precision linear layers become `GGUFLinear` layers of GGML blocks.
+
+The layer's type depends on its name (`type_rules`), and `Backend.quantize` is handed only the
+module, so `takes` (which sees the name, before any weight is read) notes the name of each layer
+it takes; `quantize` looks it up for the same module object when its weights have arrived.
+
+A quantized layer is stored (in pipequant's safetensors folders, and in the view a .gguf file is
+read through, see `reader.py`) as ``weight`` (the raw blocks), ``weight_type`` (the GGML type id,
+a 0-d int32 tensor, which also tells a stored GGUF layer from a plain one) and ``bias``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Collection
+
+import torch
+from torch import nn
+
+from ..base import Backend, BackendConfig, LayerState, QuantizationConfigError
+from .config import GGUF_TYPES, GGUFQuantizationConfig
+
+TYPE_TENSOR = "weight_type"
+#: per-layer metadata of a stored layer
+COMPUTE_DTYPE_KEY = "compute_dtype"
+REQUESTED_TYPE_KEY = "requested_type"
+
+
+def type_id(name: str) -> int:
+    from gguf import GGMLQuantizationType
+
+    return int(GGMLQuantizationType[name])
+
+
+def type_name(type_id_value: int) -> str:
+    """The name of a GGML type id pipequant's codecs read; ValueError for any other."""
+    from gguf import GGMLQuantizationType
+
+    try:
+        name = GGMLQuantizationType(type_id_value).name
+    except ValueError:
+        name = f"unknown type id {type_id_value}"
+    if name not in GGUF_TYPES:
+        raise ValueError(f"GGML type {name} is not one pipequant can read (it reads {', '.join(GGUF_TYPES)})")
+    return name
+
+
+class GGUFBackend(Backend):
+    name = "gguf"
+    config_class = GGUFQuantizationConfig
+    module_name = "gguf"
+    pip_extra = "gguf"
+
+    def __init__(self) -> None:
+        self._names: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+
+    def check_device(self, config: BackendConfig, device: torch.device) -> None:
+        """The codecs are plain torch and run anywhere; what is refused is quantizing without a type."""
+        assert isinstance(config, GGUFQuantizationConfig)
+        if config.quant_type is None:
+            raise QuantizationConfigError(
+                "This GGUFQuantizationConfig has no quant_type, so, like diffusers' GGUFQuantizationConfig, it only "
+                "loads .gguf files (e.g. load_pipeline(path, transformer='model.gguf', ...)). To quantize "
+                f"full-precision weights give quant_type, e.g. GGUFQuantizationConfig(quant_type='Q4_K'); types: "
+                f"{', '.join(GGUF_TYPES)}."
+            )
+
+    def takes(self, module_name: str, module: nn.Module, config: BackendConfig) -> bool:
+        taken = super().takes(module_name, module, config)
+        if taken:
+            self._names[module] = module_name
+        return taken
+
+    def quantize(self, module: nn.Module, config: BackendConfig, device: torch.device) -> nn.Module:
+        from .linear import quantize_linear
+
+        assert isinstance(config, GGUFQuantizationConfig) and isinstance(module, nn.Linear)
+        name = self._names.get(module)
+        if name is None:
+            raise ValueError("GGUFBackend.quantize got a layer its takes() never saw, so type_rules cannot name it")
+        return quantize_linear(module, config.type_for(name), config.compute_dtype, name, device)
+
+    def is_quantized(self, module: nn.Module) -> bool:
+        from .linear import GGUFLinear
+
+        return isinstance(module, GGUFLinear)
+
+    def layer_nbytes(self, module: nn.Module) -> int:
+        """The raw blocks plus the bias."""
+        return sum(t.numel() * t.element_size() for t in (module.weight, module.bias) if t is not None)
+
+    def save_layer(self, module: nn.Module) -> LayerState:
+        tensors = {"weight": module.weight, TYPE_TENSOR: torch.tensor(type_id(module.ggml_type), dtype=torch.int32)}
+        if module.bias is not None:
+            tensors["bias"] = module.bias
+        metadata = {COMPUTE_DTYPE_KEY: str(module.compute_dtype).removeprefix("torch.")}
+        if module.requested_type is not None:
+            metadata[REQUESTED_TYPE_KEY] = module.requested_type
+        return LayerState(tensors, metadata)
+
+    def stored_as_quantized(self, names: Collection[str], module: nn.Module) -> bool:
+        return TYPE_TENSOR in names
+
+    def restore(
+        self, module: nn.Module, state: LayerState, config: BackendConfig, device: torch.device
+    ) -> nn.Module:
+        """The `GGUFLinear` for the stored blocks; compute dtype from the config, else as stored, else float32."""
+        from .linear import GGUFLinear
+
+        assert isinstance(config, GGUFQuantizationConfig)
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"GGUF weights are loaded into linear layers only, and this layer is a {type(module).__name__}")
+        tensors = dict(state.tensors)
+        if set(tensors) - {"weight", TYPE_TENSOR, "bias"} or not {"weight", TYPE_TENSOR} <= set(tensors):
+            raise ValueError(f"not a GGUF layer: expected weight, {TYPE_TENSOR} and optionally bias; found {sorted(tensors)}")
+        if (module.bias is None) != ("bias" not in tensors):
+            raise ValueError("the stored layer and the model disagree on whether the layer has a bias")
+        ggml_type = type_name(int(tensors[TYPE_TENSOR].item()))
+        compute = config.compute_dtype or _dtype(state.metadata.get(COMPUTE_DTYPE_KEY)) or torch.float32
+        bias = tensors.get("bias")
+        return GGUFLinear(
+            module.in_features,
+            module.out_features,
+            ggml_type,
+            tensors["weight"].to(device),
+            None if bias is None else bias.to(device),
+            compute,
+            requested_type=state.metadata.get(REQUESTED_TYPE_KEY),
+        )
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    return None if name is None else getattr(torch, name)
+
+
+BACKENDS: tuple[Backend, ...] = (GGUFBackend(),)

@@ -1,0 +1,132 @@
+"""`GGUFLinear`: a linear layer that keeps its weight as raw GGML blocks and dequantizes per call.
+
+The weight is stored exactly as a .gguf file holds it (uint8, one row of blocks per output
+feature), so loading a file copies bytes and writing one copies them back, with no re-quantization
+either way. Each forward dequantizes with the torch codec to `compute_dtype` and runs `F.linear`:
+memory is the quantized size, at the price of a dequantization per call, as in ComfyUI-GGUF and
+diffusers' GGUF layers.
+
+A GGML type stores rows in blocks (32 weights, 256 for the K-quants); a layer whose input size is
+not a multiple gets the type llama.cpp's quantizer picks for such rows instead, or F16/BF16 when
+no block type fits. That is announced (`GGUFTypeFallbackWarning`, naming the layer and both
+types) and kept on the layer (`requested_type`) for reports: `type_fallbacks(model)`.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quants import block_size, dequantize, quantize, type_size
+
+#: what llama.cpp's quantizer uses for rows that K-quant blocks do not divide (it has IQ4_NL for
+#: Q2_K/Q3_K, which pipequant's codecs lack; Q4_0 is the same size); then F16/BF16
+_BLOCK32_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+
+
+class GGUFTypeFallbackWarning(UserWarning):
+    """A layer was stored in another GGML type than asked, because its rows do not fit the type's blocks."""
+
+
+def fitting_type(requested: str, row_length: int, source_dtype: torch.dtype) -> str:
+    """`requested` if `row_length` divides into its blocks, else the nearest type that fits.
+
+    The last resort is BF16 for bfloat16 weights (lossless) and F16 otherwise, as llama.cpp does.
+    """
+    for candidate in (requested, _BLOCK32_FALLBACK.get(requested)):
+        if candidate is not None and row_length % block_size(candidate) == 0:
+            return candidate
+    return "BF16" if source_dtype == torch.bfloat16 else "F16"
+
+
+class GGUFLinear(nn.Module):
+    """A linear layer over raw GGML blocks: `weight` is uint8 ``(out_features, bytes per row)``.
+
+    `ggml_type` is the type the bytes are in; `requested_type` is the type asked for when a
+    fallback replaced it (None otherwise). The bias stays a plain tensor in `compute_dtype`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        ggml_type: str,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        compute_dtype: torch.dtype,
+        requested_type: str | None = None,
+    ) -> None:
+        super().__init__()
+        expected = (out_features, in_features // block_size(ggml_type) * type_size(ggml_type))
+        if in_features % block_size(ggml_type) or weight.dtype != torch.uint8 or tuple(weight.shape) != expected:
+            raise ValueError(
+                f"a {ggml_type} weight of shape {(out_features, in_features)} is uint8 {expected}; "
+                f"got {weight.dtype} {tuple(weight.shape)}"
+            )
+        if bias is not None and tuple(bias.shape) != (out_features,):
+            raise ValueError(f"the bias has shape {tuple(bias.shape)}, the layer {out_features} outputs")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.ggml_type = ggml_type
+        self.requested_type = requested_type
+        self.compute_dtype = compute_dtype
+        self.register_buffer("weight", weight)
+        if bias is None:
+            self.register_parameter("bias", None)
+        else:
+            self.bias = nn.Parameter(bias.to(compute_dtype), requires_grad=False)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return dequantize(self.weight, self.ggml_type, (self.out_features, self.in_features), self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        return F.linear(x.to(self.compute_dtype), self.dequantized_weight(), bias).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        fallback = f" (asked {self.requested_type})" if self.requested_type else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"type={self.ggml_type}{fallback}, compute_dtype={self.compute_dtype}"
+        )
+
+
+def quantize_linear(
+    linear: nn.Linear, requested: str, compute_dtype: torch.dtype | None, name: str, device: torch.device
+) -> GGUFLinear:
+    """`linear` (with real weights) as a `GGUFLinear` of type `requested`, or of the type that fits its rows.
+
+    `compute_dtype=None` computes in the dtype the weights come in.
+    """
+    weight = linear.weight.data
+    stored = fitting_type(requested, linear.in_features, weight.dtype)
+    if stored != requested:
+        warnings.warn(
+            f"GGUF: layer {name!r} has rows of {linear.in_features} weights, not a multiple of the {requested} "
+            f"block size {block_size(requested)}; it is stored as {stored} instead.",
+            GGUFTypeFallbackWarning,
+            stacklevel=2,
+        )
+    raw = quantize(weight.to(device), stored)
+    bias = None if linear.bias is None else linear.bias.data.to(device)
+    return GGUFLinear(
+        linear.in_features,
+        linear.out_features,
+        stored,
+        raw,
+        bias,
+        compute_dtype or weight.dtype,
+        requested_type=requested if stored != requested else None,
+    )
+
+
+def type_fallbacks(model: nn.Module) -> dict[str, tuple[str, str]]:
+    """``{layer name: (requested type, stored type)}`` for every layer a fallback changed."""
+    return {
+        name: (module.requested_type, module.ggml_type)
+        for name, module in model.named_modules()
+        if isinstance(module, GGUFLinear) and module.requested_type is not None
+    }

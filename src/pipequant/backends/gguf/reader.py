@@ -1,0 +1,231 @@
+"""Reading a .gguf file memory-mapped, as a checkpoint the streaming loader can fill a model from.
+
+gguf-py's `GGUFReader` maps the file and gives each tensor as a numpy view into the map, so
+opening a file reads only its header. `GGUFFile` puts every tensor under its diffusers name (a
+Flux file in the BFL layout is split and reordered by rows, see `flux_names.py`, still as views);
+`GGUFCheckpoint` is the view the streaming loader reads one layer at a time through, the same
+interface as a folder of safetensors (`ComponentCheckpoint`). Reading a tensor copies only that
+tensor's bytes out of the map; the file is never read whole into memory (diffusers' loader copies
+every tensor of the file first).
+
+A linear layer's weight in a quantized type (or one pipequant's metadata lists as a GGUF layer)
+is presented as a stored `GGUFLinear` (``weight`` raw blocks plus ``weight_type``, see
+`backend.py`), so the backend's `restore` rebuilds the layer from the bytes as they are. Every
+other tensor is a plain tensor: F32/F16/BF16 as stored, and a quantized weight of a layer that is
+not linear (a convolution) dequantized.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ...checkpoint import CheckpointError
+from .config import GGUF_TYPES
+from .flux_names import flux_tensors_from_bfl, is_bfl_flux, strip_bfl_prefix
+from .metadata import PipequantMetadata
+
+_PLAIN_TYPES = ("F32", "F16", "BF16")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorPiece:
+    """A diffusers tensor inside one file tensor: its rows ``start:stop``, halves swapped if `swap_halves`."""
+
+    name: str
+    ggml_type: str
+    file_shape: tuple[int, ...]
+    data: np.ndarray  # gguf-py's view: typed for F32/F16, else uint8 with one row of bytes per row
+    start: int
+    stop: int
+    swap_halves: bool = False
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.stop - self.start, *self.file_shape[1:])
+
+    @property
+    def quantized(self) -> bool:
+        return self.ggml_type not in _PLAIN_TYPES
+
+    def raw(self) -> torch.Tensor:
+        """The piece's bytes, copied out of the map: uint8, one row of GGML blocks per row."""
+        rows = self.data[self.start : self.stop]
+        if self.swap_halves:
+            half = len(rows) // 2
+            rows = np.concatenate((rows[half:], rows[:half]))
+        return torch.from_numpy(np.array(rows, copy=True).view(np.uint8))
+
+    def tensor(self) -> torch.Tensor:
+        """The piece as a plain tensor: stored floats as they are, quantized weights dequantized to float32."""
+        raw = self.raw()
+        if self.ggml_type == "F32":
+            return raw.view(torch.float32).reshape(self.shape)
+        if self.ggml_type == "F16":
+            return raw.view(torch.float16).reshape(self.shape)
+        if self.ggml_type == "BF16":
+            return raw.view(torch.bfloat16).reshape(self.shape)
+        from .quants import dequantize
+
+        return dequantize(raw, self.ggml_type, self.shape)
+
+
+class GGUFFile:
+    """A .gguf file opened memory-mapped: its tensors under diffusers names, and pipequant's metadata."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        reader = _open_reader(self.path)
+        self.architecture = _string_field(reader, "general.architecture")
+        fields = {key: _string_field(reader, key) for key in reader.fields if key.startswith("pipequant.")}
+        try:
+            self.metadata = PipequantMetadata.from_strings({k: v for k, v in fields.items() if v is not None})
+        except ValueError as error:
+            raise CheckpointError(f"{self.path}: {error}; the file is corrupt or was edited.") from error
+        self.type_counts: Counter[str] = Counter(tensor.tensor_type.name for tensor in reader.tensors)
+        _check_types(self.path, reader)
+        stored = {strip_bfl_prefix(tensor.name): tensor for tensor in reader.tensors}
+        self.layout = "bfl" if is_bfl_flux(stored) else "diffusers"
+        self.pieces = _bfl_pieces(self.path, stored) if self.layout == "bfl" else {
+            name: _whole(name, tensor) for name, tensor in stored.items()
+        }
+
+    def describe_types(self) -> str:
+        """e.g. "Q4_K: 304 tensors, F32: 476 tensors", for messages."""
+        return ", ".join(f"{name}: {count} tensors" for name, count in self.type_counts.most_common())
+
+
+def _open_reader(path: Path):
+    from gguf import GGUFReader
+
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist or is not a file.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # gguf-py warns while it parses some damaged headers
+            return GGUFReader(path)
+    except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError, MemoryError) as error:
+        raise CheckpointError(
+            f"{path}: not a readable GGUF file ({type(error).__name__}: {error}). It is truncated or corrupt; "
+            "replace it with a complete copy."
+        ) from error
+
+
+def _string_field(reader, key: str) -> str | None:
+    field = reader.get_field(key)
+    if field is None:
+        return None
+    value = field.contents()
+    return value if isinstance(value, str) else None
+
+
+def _check_types(path: Path, reader) -> None:
+    unsupported = [(tensor.name, tensor.tensor_type.name) for tensor in reader.tensors if tensor.tensor_type.name not in GGUF_TYPES]
+    if unsupported:
+        shown = ", ".join(f"{name!r} ({qtype})" for name, qtype in unsupported[:5])
+        more = f" and {len(unsupported) - 5} more" if len(unsupported) > 5 else ""
+        raise CheckpointError(
+            f"{path}: {len(unsupported)} tensors are in GGML types pipequant cannot read: {shown}{more}. "
+            f"Supported types: {', '.join(GGUF_TYPES)}. Use a file quantized to one of those."
+        )
+
+
+def _whole(name: str, tensor) -> TensorPiece:
+    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    return TensorPiece(name, tensor.tensor_type.name, shape, tensor.data, 0, shape[0] if shape else 1)
+
+
+def _bfl_pieces(path: Path, stored: dict) -> dict[str, TensorPiece]:
+    """Diffusers name -> piece, for a Flux file in the BFL layout; names outside the table pass through."""
+    if "img_in.weight" not in stored:
+        raise CheckpointError(f"{path}: the tensor names look like Flux (double_blocks.*) but img_in.weight is missing.")
+    hidden = int(stored["img_in.weight"].shape[-1])  # ggml lists dims innermost first: rows are the last
+    pieces: dict[str, TensorPiece] = {}
+    for fused in flux_tensors_from_bfl(stored):
+        tensor = stored.pop(fused.bfl, None)
+        if tensor is None:
+            continue  # left for the loader to report as missing
+        whole = _whole(fused.bfl, tensor)
+        rows = whole.shape[0]
+        sizes = [hidden] * (len(fused.parts) - 1)
+        sizes.append(rows - sum(sizes))
+        if sizes[-1] <= 0 or (fused.swap_halves and rows % 2):
+            raise CheckpointError(
+                f"{path}: tensor {fused.bfl!r} has {rows} rows, which do not split into {', '.join(fused.parts)} "
+                f"for hidden size {hidden}. The file is not a Flux transformer pipequant can read."
+            )
+        start = 0
+        for part, size in zip(fused.parts, sizes):
+            pieces[part] = dataclasses.replace(
+                whole, name=part, start=start, stop=start + size, swap_halves=fused.swap_halves
+            )
+            start += size
+    pieces.update({name: _whole(name, tensor) for name, tensor in stored.items()})
+    return pieces
+
+
+class GGUFCheckpoint:
+    """The tensors of a `GGUFFile` as the streaming loader reads a checkpoint (see `ComponentCheckpoint`).
+
+    `linear_layers` are the names of the model's linear layers: those whose weight the file holds
+    quantized (or which pipequant's metadata lists as GGUF layers) are presented as stored GGUF layers.
+    """
+
+    def __init__(self, file: GGUFFile, linear_layers: set[str]) -> None:
+        from .backend import TYPE_TENSOR
+
+        self.file = file
+        self.folder = file.path  # named as in ComponentCheckpoint, for the loader's messages
+        listed = file.metadata.gguf_layers
+        self.gguf_layers: dict[str, TensorPiece] = {}
+        self._tensors: dict[str, TensorPiece] = {}
+        for name, piece in file.pieces.items():
+            layer, _, leaf = name.rpartition(".")
+            is_gguf = piece.quantized or (listed is not None and layer in listed)
+            if leaf == "weight" and layer in linear_layers and is_gguf:
+                self.gguf_layers[layer] = piece
+            else:
+                self._tensors[name] = piece
+        self._type_keys = {f"{layer}.{TYPE_TENSOR}": layer for layer in self.gguf_layers}
+
+    def keys(self) -> list[str]:
+        return [*self._tensors, *(f"{layer}.weight" for layer in self.gguf_layers), *self._type_keys]
+
+    def file_of(self, key: str) -> Path:
+        return self.file.path
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        if key in self._type_keys:
+            return ()
+        return self._piece(key).shape
+
+    def dtype(self, key: str) -> str:
+        return "I32" if key in self._type_keys else self._piece(key).ggml_type
+
+    def metadata(self) -> dict[str, str]:
+        from .backend import REQUESTED_TYPE_KEY
+
+        fallbacks = self.file.metadata.type_fallbacks
+        return {f"{layer}.{REQUESTED_TYPE_KEY}": fallbacks[layer] for layer in self.gguf_layers if layer in fallbacks}
+
+    def read(self, key: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        from .backend import type_id
+
+        if key in self._type_keys:
+            piece = self.gguf_layers[self._type_keys[key]]
+            return torch.tensor(type_id(piece.ggml_type), dtype=torch.int32, device=device)
+        layer = key.removesuffix(".weight")
+        if layer in self.gguf_layers and key.endswith(".weight"):
+            return self.gguf_layers[layer].raw().to(device)
+        return self._tensors[key].tensor().to(device)
+
+    def _piece(self, key: str) -> TensorPiece:
+        layer = key.removesuffix(".weight")
+        if key.endswith(".weight") and layer in self.gguf_layers:
+            return self.gguf_layers[layer]
+        return self._tensors[key]

@@ -1,0 +1,139 @@
+"""Writing tensors of raw GGML bytes to a .gguf file with gguf-py's `GGUFWriter`, atomically.
+
+Tensors are declared first and their bytes produced one at a time while the data section is
+written, so a file is written with one tensor (one stacked BFL tensor at most) in memory beyond
+the model. The file goes to a temporary name beside the target and is renamed over it only once
+complete and synced: a failed or killed write leaves no partial file under the target's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from .flux_names import flux_tensors_from_diffusers
+from .metadata import FILE_TYPES
+
+#: longest tensor name ComfyUI-GGUF's converter and stable-diffusion.cpp's ggml build accept
+MAX_NAME_LENGTH = 127
+
+
+@dataclasses.dataclass
+class StoredTensor:
+    """One tensor to write: its GGML type and its bytes, as row-stacked parts.
+
+    Each part is uint8 with the bytes of one row of blocks along its last axis (a plain tensor's
+    bytes viewed as uint8). `swap_halves` swaps the two row halves of the (single) part.
+    """
+
+    ggml_type: str
+    parts: list[np.ndarray]
+    swap_halves: bool = False
+
+    @property
+    def byte_shape(self) -> tuple[int, ...]:
+        first = self.parts[0]
+        return (sum(part.shape[0] for part in self.parts), *first.shape[1:])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(part.nbytes for part in self.parts)
+
+    def materialize(self) -> np.ndarray:
+        data = self.parts[0] if len(self.parts) == 1 else np.concatenate(self.parts)
+        if self.swap_halves:
+            half = data.shape[0] // 2
+            data = np.concatenate((data[half:], data[:half]))
+        return np.ascontiguousarray(data)
+
+
+def to_bfl_layout(tensors: dict[str, StoredTensor]) -> dict[str, StoredTensor]:
+    """A Flux transformer's tensors under BFL names, stacking the parts of fused tensors by rows.
+
+    ValueError when a tensor has no BFL name, or the parts of a fused tensor differ in type.
+    """
+    left = dict(tensors)
+    out: dict[str, StoredTensor] = {}
+    for fused in flux_tensors_from_diffusers(tensors):
+        present = [part for part in fused.parts if part in left]
+        if not present:
+            continue
+        if len(present) != len(fused.parts):
+            missing = sorted(set(fused.parts) - set(present))
+            raise ValueError(f"the BFL tensor {fused.bfl!r} stacks {', '.join(fused.parts)}; the model lacks {', '.join(missing)}")
+        parts = [left.pop(part) for part in fused.parts]
+        types = {part.ggml_type for part in parts}
+        widths = {part.byte_shape[1:] for part in parts}
+        if len(types) > 1 or len(widths) > 1:
+            found = ", ".join(f"{name}: {part.ggml_type} {part.byte_shape}" for name, part in zip(fused.parts, parts))
+            raise ValueError(
+                f"the BFL layout stacks {', '.join(fused.parts)} into one tensor {fused.bfl!r}, so they need one GGML "
+                f"type and row width; found {found}. Give them the same type (type_rules, modules_to_not_convert) "
+                "or write layout='diffusers'"
+            )
+        out[fused.bfl] = StoredTensor(
+            parts[0].ggml_type, [p for part in parts for p in part.parts], swap_halves=fused.swap_halves
+        )
+    if left:
+        raise ValueError(f"these tensors have no name in the BFL Flux layout: {', '.join(sorted(left)[:5])}")
+    return out
+
+
+def main_type(tensors: dict[str, StoredTensor]) -> str:
+    """The type most weights (tensors of two or more dims, counted by bytes) are stored in."""
+    weights: Counter[str] = Counter()
+    for tensor in tensors.values():
+        if len(tensor.byte_shape) >= 2:
+            weights[tensor.ggml_type] += tensor.nbytes
+    return weights.most_common(1)[0][0] if weights else "F32"
+
+
+def write_gguf(
+    path: Path, tensors: dict[str, StoredTensor], *, architecture: str, fields: dict[str, str], overwrite: bool
+) -> Path:
+    """Write `tensors` and string `fields` to `path` (refused when it exists, unless `overwrite`)."""
+    from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter, LlamaFileType
+
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
+    too_long = [name for name in tensors if len(name) > MAX_NAME_LENGTH]
+    if too_long:
+        raise ValueError(
+            f"GGUF tensor names are limited to {MAX_NAME_LENGTH} characters by the tools that read them; "
+            f"too long: {', '.join(too_long[:3])}"
+        )
+    writer = GGUFWriter(path=None, arch=architecture)
+    writer.add_quantization_version(GGML_QUANT_VERSION)
+    writer.add_file_type(int(LlamaFileType[FILE_TYPES[main_type(tensors)]]))
+    for key, value in fields.items():
+        writer.add_string(key, value)
+    for name, tensor in tensors.items():
+        writer.add_tensor_info(
+            name, tensor.byte_shape, np.dtype(np.uint8), tensor.nbytes, raw_dtype=GGMLQuantizationType[tensor.ggml_type]
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    tmp = Path(tmp_name)
+    try:
+        writer.write_header_to_file(path=tmp)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for tensor in tensors.values():
+            writer.write_tensor_data(tensor.materialize())
+        assert writer.fout is not None
+        for out in writer.fout:
+            out.flush()
+            os.fsync(out.fileno())
+        writer.close()
+        tmp.chmod(0o644)  # mkstemp makes it private; the result is an ordinary file
+        os.replace(tmp, path)
+    finally:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+    return path

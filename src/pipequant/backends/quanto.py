@@ -1,0 +1,125 @@
+"""optimum-quanto layers: each linear layer becomes quanto's `QLinear` with frozen quantized weights.
+
+This is what quanto's own `quantize(model, weights=...)` followed by `freeze(model)` makes, done one
+layer at a time as the weights stream in, so quanto's kernels run the layers (int4 in bfloat16 uses
+its tinygemm CPU/CUDA kernel) and their state dicts are quanto's format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .base import Backend, BackendConfig, LayerState, QuantizationConfigError
+
+WEIGHT_DTYPES = ("int2", "int4", "int8", "float8")
+#: int8 is quanto's too, but needs calibration that loading cannot do (see `QuantoConfig`)
+ACTIVATION_DTYPES = (None, "float8")
+
+
+@dataclasses.dataclass(repr=False)
+class QuantoConfig(BackendConfig):
+    """quanto settings with diffusers' keyword names (`weights_dtype`), plus `activations_dtype`.
+
+    float8 activations are quantized per tensor with quanto's uncalibrated scale of 1, which float8's
+    relative precision tolerates (magnitudes above 448 are clipped); int8 activations would need
+    calibration and are refused.
+
+    transformers names them `weights` and `activations`; both are accepted as synonyms so code written
+    for either library ports by changing the import.
+    """
+
+    backend_name: ClassVar[str] = "quanto"
+    foreign_class_names: ClassVar[tuple[str, ...]] = ("QuantoConfig",)
+
+    weights_dtype: str = "int8"
+    activations_dtype: str | None = None
+    weights: dataclasses.InitVar[str | None] = None
+    activations: dataclasses.InitVar[str | None] = None
+
+    def __post_init__(self, weights: str | None, activations: str | None) -> None:
+        self.weights_dtype = _synonym("weights_dtype", self.weights_dtype, "weights", weights, default="int8")
+        self.activations_dtype = _synonym("activations_dtype", self.activations_dtype, "activations", activations, default=None)
+        if self.weights_dtype not in WEIGHT_DTYPES:
+            raise QuantizationConfigError(
+                f"weights_dtype={self.weights_dtype!r} is not a quanto weight type; use one of {', '.join(WEIGHT_DTYPES)}."
+            )
+        if self.activations_dtype == "int8":
+            raise QuantizationConfigError(
+                "activations_dtype='int8' needs activation scales calibrated on sample inputs (quanto's Calibration "
+                "context), and loading has no inputs: uncalibrated, quanto uses scale 1 and rounds every activation to "
+                "an integer (25x the error of int8 weights alone on the tiny Flux fixture). Use activations_dtype=None "
+                "or 'float8', or quantize and calibrate with optimum.quanto yourself."
+            )
+        if self.activations_dtype not in ACTIVATION_DTYPES:
+            raise QuantizationConfigError(
+                f"activations_dtype={self.activations_dtype!r} is not a quanto activation type; use None or 'float8'."
+            )
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [*super().field_names(), "weights", "activations"]
+
+    @classmethod
+    def from_foreign(cls, foreign: Any) -> QuantoConfig:
+        """diffusers' `QuantoConfig(weights_dtype=...)` or transformers' `QuantoConfig(weights=..., activations=...)`."""
+        skip = getattr(foreign, "modules_to_not_convert", None)
+        weights = getattr(foreign, "weights_dtype", None) or getattr(foreign, "weights", None)
+        return cls(
+            weights_dtype=weights,
+            activations_dtype=getattr(foreign, "activations", None),
+            modules_to_not_convert=list(skip) if skip else None,
+        )
+
+
+def _synonym(name: str, value: Any, synonym: str, synonym_value: Any, *, default: Any) -> Any:
+    if synonym_value is None:
+        return value
+    if value not in (default, synonym_value):
+        raise QuantizationConfigError(f"{name}={value!r} and {synonym}={synonym_value!r} disagree; give only {name}.")
+    return synonym_value
+
+
+class QuantoBackend(Backend):
+    name = "quanto"
+    config_class = QuantoConfig
+    module_name = "optimum.quanto"
+    pip_extra = "quanto"
+
+    def quantize(self, module: nn.Module, config: BackendConfig, device: torch.device) -> nn.Module:
+        from optimum.quanto import quantize_module
+
+        assert isinstance(config, QuantoConfig) and isinstance(module, nn.Linear)
+        activations = f"q{config.activations_dtype}" if config.activations_dtype else None
+        layer = quantize_module(module.to(device), weights=f"q{config.weights_dtype}", activations=activations)
+        layer.freeze()
+        return layer
+
+    def is_quantized(self, module: nn.Module) -> bool:
+        from optimum.quanto import QModuleMixin
+
+        return isinstance(module, QModuleMixin)
+
+    # --- saving and restoring (see Backend); the stored form is QLinear's own state dict ---
+
+    def restore(
+        self, module: nn.Module, state: LayerState, config: BackendConfig, device: torch.device
+    ) -> nn.Module:
+        """A `QLinear` made on meta for the saved types, filled by quanto's own deserializer from the stored tensors."""
+        from optimum.quanto import QLinear, qtypes
+
+        assert isinstance(config, QuantoConfig) and isinstance(module, nn.Linear)
+        activations = qtypes[f"q{config.activations_dtype}"] if config.activations_dtype else None
+        weights = qtypes[f"q{config.weights_dtype}"]
+        layer = QLinear.qcreate(module, weights=weights, activations=activations, device="meta")
+        try:
+            layer.load_state_dict(state.tensors, strict=True, assign=True)
+        except RuntimeError as error:
+            raise ValueError(f"not a quanto {config.weights_dtype} layer: {error}") from error
+        return layer.to(device)
+
+
+BACKENDS: tuple[Backend, ...] = (QuantoBackend(),)

@@ -1,0 +1,216 @@
+"""GGML codecs vs gguf-py (dequantize everywhere, quantize where it has a quantizer) and
+vs llama.cpp's reference K-quant quantizers (stored digests, see data/README.md)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # noqa: E402
+
+from pipequant.backends.gguf import GGML_TYPES, block_size, dequantize, quantize, type_size  # noqa: E402
+
+FLOAT_TYPES = ["F32", "F16", "BF16"]
+LEGACY_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
+K_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+ALL_TYPES = FLOAT_TYPES + LEGACY_TYPES + K_TYPES
+
+DATA = Path(__file__).parent / "data" / "llamacpp_reference.npz"
+
+# Relative RMS reconstruction error on N(0, 1) data; observed values are ~10% lower.
+K_ERROR_BOUNDS = {"Q2_K": 0.33, "Q3_K": 0.167, "Q4_K": 0.079, "Q5_K": 0.040, "Q6_K": 0.0196}
+
+
+def _shapes(name: str) -> list[tuple[int, ...]]:
+    bs = GGML_QUANT_SIZES[GGMLQuantizationType[name]][0]
+    if bs == 1:
+        return [(7,), (3, 5), (2, 3, 4)]
+    return [(bs,), (5, 2 * bs), (2, 3, 3 * bs)]
+
+
+def _gguf_bytes(x: np.ndarray, name: str) -> np.ndarray:
+    """gguf-py's quantization as uint8 rows (it returns float arrays for F32/F16)."""
+    out = gguf.quants.quantize(x.astype(np.float32), GGMLQuantizationType[name])
+    return out.view(np.uint8).reshape(int(np.prod(x.shape[:-1])), -1)
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and np.array_equal(a.astype(np.float32).view(np.uint32), b.view(np.uint32))
+
+
+def _random_blocks(name: str, n_blocks: int, rng: np.random.Generator) -> np.ndarray:
+    """Random bytes for every field, with the f16 scales replaced by finite halves."""
+    qtype = GGMLQuantizationType[name]
+    bs, ts = GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (n_blocks, ts), dtype=np.uint8)
+    halves = (rng.standard_normal((n_blocks, ts // 2)) * rng.choice([1e-4, 1.0, 100.0], (n_blocks, 1))).astype(np.float16)
+    offsets = {
+        "F32": [], "F16": range(0, ts, 2), "BF16": [], "Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0],
+        "Q5_1": [0, 2], "Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208],
+    }[name]
+    for k, off in enumerate(offsets):
+        raw[:, off : off + 2] = halves[:, k : k + 1].view(np.uint8)
+    if name == "F32":
+        raw = rng.standard_normal((n_blocks, 1)).astype(np.float32).view(np.uint8)
+    if name == "BF16":
+        raw = (rng.standard_normal((n_blocks, 1)).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+        raw = raw.view(np.uint8)
+    return raw
+
+
+@pytest.mark.parametrize("name", ALL_TYPES)
+def test_dequantize_bit_exact_with_gguf(name: str) -> None:
+    rng = np.random.default_rng(1)
+    for shape in _shapes(name):
+        n_blocks = int(np.prod(shape)) // block_size(name)
+        raw = _random_blocks(name, n_blocks, rng)
+        expected = gguf.quants.dequantize(raw, GGMLQuantizationType[name]).reshape(shape)
+        for layout in (torch.from_numpy(raw), torch.from_numpy(raw).reshape(-1)):
+            ours = dequantize(layout, name, shape)
+            assert ours.dtype == torch.float32 and ours.shape == shape
+            assert _same_bits(expected, ours.numpy()), (name, shape)
+        for dtype in (torch.bfloat16, torch.float16):
+            ours = dequantize(torch.from_numpy(raw), name, shape, dtype=dtype)
+            assert torch.equal(ours, torch.from_numpy(expected.astype(np.float32)).to(dtype)), (name, dtype)
+
+
+@pytest.mark.parametrize("name", FLOAT_TYPES + LEGACY_TYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_quantize_byte_identical_with_gguf(name: str, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(2)
+    for shape in _shapes(name):
+        x = (torch.randn(shape, generator=gen) * torch.rand(shape[:-1] + (1,), generator=gen) * 3).to(dtype)
+        ours = quantize(x, name)
+        expected = _gguf_bytes(x.float().numpy(), name)
+        assert ours.dtype == torch.uint8
+        assert np.array_equal(ours.numpy(), expected), (name, shape, dtype)
+
+
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_0", "Q5_0"])
+def test_quantize_rounding_ties_like_gguf(name: str) -> None:
+    """Values landing exactly on .5 after scaling (round half away from zero)."""
+    rng = np.random.default_rng(3)
+    x = rng.integers(-255, 256, (64, 32)).astype(np.float32) / 2
+    x[:, 0] = np.where(rng.random(64) < 0.5, 127.0, -127.0)  # scale 1 (Q8_0): x * id = x
+    x[1] = -x[1]
+    x[2, :] = 0.49999997
+    x[2, 0] = 127.0
+    assert np.array_equal(quantize(torch.from_numpy(x), name).numpy(), _gguf_bytes(x, name))
+
+
+@pytest.mark.parametrize("name", ["F16", "BF16"])
+def test_nan_payloads_like_gguf(name: str) -> None:
+    bits = np.array([0x7F800001, 0x7FC00000, 0xFFC12345, 0x7F812345, 0x7FA00000, 0x3F800000], dtype=np.uint32)
+    x = bits.view(np.float32).reshape(1, -1)
+    assert np.array_equal(quantize(torch.from_numpy(x), name).numpy(), _gguf_bytes(x, name))
+
+
+def reference_inputs(seed: int, rows: int = 256, cols: int = 1024) -> np.ndarray:
+    """Weights that reach every branch of the C quantizers: one distribution per 256 weights.
+
+    ``np.random.RandomState`` is used because its streams are frozen across numpy
+    versions; the reference file also stores the input digest to catch any drift.
+    """
+    rs = np.random.RandomState(seed)
+    n = rows * cols // 256
+    kinds = rs.randint(0, 14, n)
+    out = np.empty((n, 256))
+    for b, kind in enumerate(kinds):
+        g = rs.standard_normal(256)
+        out[b] = [
+            g,
+            g * 0.02,
+            np.zeros(256),  # all zero: early exits, zero scales
+            np.full(256, g[0]),  # constant: max == min
+            np.abs(g),  # positive only: min clipped to 0
+            -np.abs(g) - 1,  # negative only
+            rs.standard_t(2, 256),  # heavy tails
+            g * (rs.uniform(size=256) < 0.05),  # sparse, mostly zeros
+            g * 1e-17,  # below GROUP_MAX_EPS
+            rs.randint(-8, 8, 256) * 0.25,  # on a grid: rounding ties
+            g * np.repeat(rs.uniform(0, 2, 16) * (rs.uniform(size=16) < 0.7), 16),  # zero sub-blocks
+            rs.uniform(-1, 1, 256) + 5,  # offset
+            np.repeat(g[:16], 16),  # few distinct values: exact fits, error ties
+            g * np.repeat(10.0 ** rs.uniform(-9, 1, 8), 32),  # sub-block scales spanning 10 decades
+        ][kind]
+    x = out.reshape(rows, cols).astype(np.float32)
+    # Half of the rows rounded to bf16 like real checkpoints (more exact ties).
+    bits = x.view(np.uint32)
+    bf16 = (((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16).view(np.float32)
+    return np.where(rs.uniform(size=(rows, 1)) < 0.5, bf16, x)
+
+
+def _sha256(a: np.ndarray | torch.Tensor) -> str:
+    a = a.numpy() if isinstance(a, torch.Tensor) else a
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, np.ndarray]:
+    with np.load(DATA) as data:
+        return dict(data)
+
+
+@pytest.mark.parametrize("name", K_TYPES + ["Q8_0", "Q4_1", "Q5_1"])
+def test_quantize_byte_identical_with_llamacpp(name: str, reference: dict[str, np.ndarray]) -> None:
+    """quantize_row_*_ref output (and dequantize_row_* of it) from llama.cpp, see data/README.md."""
+    x = reference_inputs(int(reference["seed"]))
+    assert _sha256(x) == str(reference["input_sha256"]), "input generator drifted; regenerate the reference"
+    ours = quantize(torch.from_numpy(x), name)
+    head = reference[f"{name}_head"]
+    flat = ours.view(-1, type_size(name))
+    assert np.array_equal(flat[: len(head)].numpy(), head), f"{name}: first blocks differ from llama.cpp"
+    if _sha256(ours) != str(reference[f"{name}_sha256"]):
+        pytest.fail(f"{name}: bytes differ from llama.cpp (blocks beyond the first {len(head)})")
+    assert _sha256(dequantize(ours, name, x.shape)) == str(reference[f"{name}_dequant_sha256"])
+
+
+@pytest.mark.parametrize("name", K_TYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kquant_error_on_gaussian(name: str, dtype: torch.dtype) -> None:
+    x = torch.randn(16, 2048, generator=torch.Generator().manual_seed(4)).to(dtype)
+    back = dequantize(quantize(x, name), name, x.shape)
+    rel = ((x.float() - back).norm() / x.float().norm()).item()
+    assert rel < K_ERROR_BOUNDS[name], rel
+
+
+@pytest.mark.parametrize("name", K_TYPES)
+def test_kquant_roundtrip_is_stable(name: str) -> None:
+    """Re-quantizing dequantized weights reproduces them (a fixed point of the codec)."""
+    x = torch.randn(4, 512, generator=torch.Generator().manual_seed(5))
+    once = dequantize(quantize(x, name), name, x.shape)
+    twice = dequantize(quantize(once, name), name, x.shape)
+    assert ((twice - once).norm() / once.norm()).item() < K_ERROR_BOUNDS[name] / 4
+
+
+def test_type_names_and_enums() -> None:
+    assert set(ALL_TYPES) == set(GGML_TYPES)
+    x = torch.randn(2, 256)
+    by_name = quantize(x, "q4_k")
+    assert torch.equal(by_name, quantize(x, GGMLQuantizationType.Q4_K))
+    assert by_name.shape == (2, type_size("Q4_K"))
+    assert block_size(GGMLQuantizationType.Q8_0) == 32 and type_size("q8_0") == 34
+    raw = by_name.numpy().reshape(-1)
+    assert torch.equal(dequantize(by_name, "Q4_K", (2, 256)), dequantize(torch.from_numpy(raw), "Q4_K", (2, 256)))
+
+
+def test_bad_type_name() -> None:
+    with pytest.raises(ValueError, match="Q4_K") as info:
+        quantize(torch.randn(32), "Q4_X")
+    assert "valid types" in str(info.value)
+    with pytest.raises(ValueError, match="IQ2_XXS"):
+        dequantize(torch.zeros(66, dtype=torch.uint8), GGMLQuantizationType.IQ2_XXS, (256,))
+
+
+def test_bad_row_length() -> None:
+    with pytest.raises(ValueError, match="block size 256"):
+        quantize(torch.randn(4, 300), "Q4_K")
+    with pytest.raises(ValueError, match="block size 32"):
+        dequantize(torch.zeros(34, dtype=torch.uint8), "Q8_0", (1, 48))
+    with pytest.raises(ValueError, match="144 uint8 bytes"):
+        dequantize(torch.zeros(100, dtype=torch.uint8), "Q4_K", (1, 256))
