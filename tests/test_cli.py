@@ -34,3 +34,37 @@ def test_demo_prints_memory_before_and_after_and_writes_an_image(tmp_path, monke
     assert "bitsandbytes_4bit" in result.output
     image = Image.open(Path(out) / "demo.png")
     assert image.size == (64, 64)
+
+
+def test_quantize_saves_a_folder_that_inspect_describes_and_that_reloads(flux_path, tmp_path):
+    import bitsandbytes as bnb
+    import torch
+
+    from pipequant import load_pipeline
+
+    out = tmp_path / "flux-nf4"
+    result = runner.invoke(
+        app,
+        [
+            "quantize", str(flux_path), "--backend", "bitsandbytes_4bit", "--out", str(out),
+            "--components", "transformer", "--kwargs", "bnb_4bit_quant_type=nf4",
+            "--kwargs", "bnb_4bit_use_double_quant=true", "--dtype", "bfloat16",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "bitsandbytes_4bit" in result.output and "Saved to" in result.output
+    described = runner.invoke(app, ["inspect", str(out)])
+    assert described.exit_code == 0, described.output
+    assert "bnb_4bit_quant_type='nf4'" in described.output and "bnb_4bit_use_double_quant=True" in described.output
+    pipe = load_pipeline(out, torch_dtype=torch.bfloat16)
+    layer = pipe.transformer.transformer_blocks[0].attn.to_q
+    assert isinstance(layer, bnb.nn.Linear4bit) and layer.weight.quant_state.nested
+
+
+def test_quantize_names_a_bad_option(flux_path, tmp_path):
+    result = runner.invoke(
+        app, ["quantize", str(flux_path), "--backend", "bitsandbytes_4bit", "--out", str(tmp_path / "x"),
+              "--kwargs", "bnb_4bit_quant_typ=nf4"],
+    )
+    assert result.exit_code != 0
+    assert "Did you mean 'bnb_4bit_quant_type'" in str(result.exception)

@@ -9,11 +9,15 @@ from .checkpoint import CheckpointError
 from .config import PipelineQuantizationConfig
 from .gguf_saving import save_gguf
 from .loading import PipelineFolderError, load_model, load_pipeline, quantize_pipeline
+from .planning import BudgetError, plan
+from .quality import compare
 from .quantizing import quantize_model
 from .saving import save_model, save_pipeline
+from .sizing import estimate
 
 __all__ = [
     "BitsAndBytesConfig",
+    "BudgetError",
     "CheckpointError",
     "GGUFQuantizationConfig",
     "MissingBackendError",
@@ -22,8 +26,11 @@ __all__ = [
     "QuantizationConfigError",
     "QuantoConfig",
     "TorchAoConfig",
+    "compare",
+    "estimate",
     "load_model",
     "load_pipeline",
+    "plan",
     "quantize_model",
     "quantize_pipeline",
     "save_gguf",

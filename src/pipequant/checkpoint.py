@@ -68,6 +68,20 @@ class ComponentCheckpoint:
                 "replace it with a complete copy."
             ) from error
 
+    def read_rows(self, key: str, rows: list[int]) -> torch.Tensor:
+        """Only `rows` (indices along the first dim) of a tensor, on the CPU: the rest is never read.
+
+        For measurements on a sample of a layer, which must not cost reading the whole model.
+        """
+        tensor_slice = self._handles[self._file_of[key]].get_slice(key)
+        try:
+            return torch.cat([tensor_slice[row : row + 1] for row in rows])
+        except SafetensorError as error:
+            raise CheckpointError(
+                f"{self._file_of[key]}: cannot read tensor {key!r} ({error}). The file is truncated or corrupt; "
+                "replace it with a complete copy."
+            ) from error
+
     def _check_index_covers_keys(self) -> None:
         index_path = _index_file(self.folder)
         if index_path is None:

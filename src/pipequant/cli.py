@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -14,14 +15,26 @@ from .report import format_bytes, memory_report, memory_table
 
 app = typer.Typer(help="Load diffusion pipelines and quantize their components while they load.", no_args_is_help=True)
 # Wide enough for the tables when output is not a terminal (CI logs, pipes).
-console = Console(width=None if Console().is_terminal else 120)
+console = Console(width=None if Console().is_terminal else 200)
 
 _SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 @app.command()
-def inspect(path: str = typer.Argument(..., help="Pipeline folder or Hub repo id.")) -> None:
-    """Show each component: class, parameters, stored dtypes and bytes (read from file headers, no weights loaded)."""
+def inspect(
+    path: str = typer.Argument(..., help="Pipeline folder or Hub repo id."),
+    config: str = typer.Option(
+        None, help="Also estimate the bytes loading with this config would hold: MODE[:COMPONENTS], "
+        "BACKEND[:COMPONENTS] or a .json file (see `pipequant plan --out`)."
+    ),
+    load_dtype: str = typer.Option(None, "--dtype", help="Load dtype of the estimate, e.g. bfloat16 (default: as stored)."),
+    all_modes: bool = typer.Option(False, "--all-modes", help="Also estimate every component in every mode that runs on CPU."),
+) -> None:
+    """Show each component: class, parameters, stored dtypes and bytes (read from file headers, no weights loaded).
+
+    With --config or --dtype, also what each component would hold once loaded, before and after
+    quantizing, estimated exactly from headers and shapes.
+    """
     from torch import nn
 
     from .checkpoint import ComponentCheckpoint
@@ -29,7 +42,7 @@ def inspect(path: str = typer.Argument(..., help="Pipeline folder or Hub repo id
 
     index = read_pipeline_index(resolve_pipeline_folder(path))
     table = Table(title=f"{index.pipeline_class_name} at {index.folder}")
-    for column in ("component", "class", "tensors", "elements", "stored dtypes", "bytes"):
+    for column in ("component", "class", "tensors", "elements", "stored dtypes", "bytes", "stored quantization"):
         table.add_column(column, justify="right" if column in ("tensors", "elements", "bytes") else "left")
     total = 0
     for name, entry in index.components.items():
@@ -37,7 +50,7 @@ def inspect(path: str = typer.Argument(..., help="Pipeline folder or Hub repo id
         if cls is None:
             continue
         if not issubclass(cls, nn.Module):
-            table.add_row(name, f"{entry[0]}.{entry[1]}", "-", "-", "-", "-")
+            table.add_row(name, f"{entry[0]}.{entry[1]}", "-", "-", "-", "-", "-")
             continue
         checkpoint = ComponentCheckpoint(index.folder / name)
         dtypes: Counter[str] = Counter()
@@ -54,9 +67,19 @@ def inspect(path: str = typer.Argument(..., help="Pipeline folder or Hub repo id
         table.add_row(
             name, f"{entry[0]}.{entry[1]}", str(len(checkpoint.keys())), f"{elements / 1e6:.2f} M",
             ", ".join(d for d, _ in dtypes.most_common()), format_bytes(nbytes),
+            _stored_quantization(index.folder / name),
         )
-    table.add_row("total", "", "", "", "", format_bytes(total), style="bold")
+    table.add_row("total", "", "", "", "", format_bytes(total), "", style="bold")
     console.print(table)
+    if config is not None or load_dtype is not None:
+        from .config_spec import parse_config
+        from .sizing import estimate
+
+        quantization = parse_config(config) if config is not None else None
+        title = f"Estimate: {config or 'no quantization'}, {load_dtype or 'stored dtypes'}"
+        console.print(memory_table(estimate(index.folder, quantization, _dtype(load_dtype)), title=title))
+    if all_modes:
+        console.print(_modes_table(index.folder, _dtype(load_dtype)))
 
 
 @app.command()
@@ -101,42 +124,161 @@ def demo(
 @app.command()
 def quantize(
     path: str = typer.Argument(..., help="Pipeline folder or Hub repo id."),
-    backend: str = typer.Option(..., help="Quantization backend; 'gguf' writes one .gguf file."),
-    qtype: str = typer.Option(..., "--type", help="GGML type, e.g. Q4_K, Q5_K, Q6_K, Q8_0."),
-    out: Path = typer.Option(..., help="The .gguf file to write."),
-    component: str = typer.Option(None, help="Component to quantize (default: transformer, else unet)."),
-    rule: list[str] = typer.Option([], "--rule", help="PATTERN=TYPE: a per-layer type, first match wins (repeatable)."),
+    backend: str = typer.Option(..., help="Quantization backend (bitsandbytes_4bit, bitsandbytes_8bit, torchao, quanto, gguf)."),
+    out: Path = typer.Option(..., help="Folder for the quantized pipeline, or a .gguf file (gguf backend: one component)."),
+    components: list[str] = typer.Option([], "--components", help="Component to quantize (repeatable; default: every model component)."),
+    kwargs: list[str] = typer.Option([], "--kwargs", help="KEY=VALUE option of the backend's config (repeatable), e.g. bnb_4bit_quant_type=nf4."),
+    qtype: str = typer.Option(None, "--type", help="GGML type for the gguf backend, e.g. Q4_K, Q6_K, Q8_0."),
+    rule: list[str] = typer.Option([], "--rule", help="gguf: PATTERN=TYPE, a per-layer type, first match wins (repeatable)."),
     keep: list[str] = typer.Option([], "--keep", help="Module pattern kept in full precision (repeatable)."),
-    layout: str = typer.Option("auto", help="Tensor names: auto, bfl (Flux, for ComfyUI-GGUF / sd.cpp) or diffusers."),
-    overwrite: bool = typer.Option(False, help="Replace an existing file."),
+    dtype: str = typer.Option(None, help="Load dtype, e.g. bfloat16 (default: as stored)."),
+    layout: str = typer.Option("auto", help="gguf: tensor names, auto, bfl (Flux, for ComfyUI-GGUF / sd.cpp) or diffusers."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output."),
 ) -> None:
-    """Quantize one component layer by layer as it loads and write it to a .gguf file (loadable by load_pipeline)."""
+    """Quantize as the weights stream in, then save: a pipeline folder that reloads without quantizing, or a .gguf file."""
+    from . import PipelineQuantizationConfig, load_pipeline, save_pipeline
+
+    options = dict(_key_value(text) for text in kwargs)
+    if qtype is not None:
+        options["quant_type"] = qtype
+    if rule:
+        options["type_rules"] = dict(_pattern_rule(text) for text in rule)
+    if keep:
+        options["modules_to_not_convert"] = keep
+    if out.suffix == ".gguf":
+        _quantize_to_gguf(path, backend, options, components, _dtype(dtype), out, layout, overwrite)
+        return
+    config = PipelineQuantizationConfig(quant_backend=backend, quant_kwargs=options, components_to_quantize=components or None)
+    started = time.perf_counter()
+    pipe = load_pipeline(path, quantization_config=config, torch_dtype=_dtype(dtype), progress=True)
+    console.print(memory_table(memory_report(pipe), title=f"{config!r}"))
+    written = save_pipeline(pipe, out, overwrite=overwrite)
+    console.print(f"Saved to {written} in {time.perf_counter() - started:.1f} s; load it with pipequant.load_pipeline({str(written)!r}).")
+
+
+def _quantize_to_gguf(path, backend, options, components, dtype, out: Path, layout: str, overwrite: bool) -> None:
     from . import GGUFQuantizationConfig, load_model, save_gguf
     from .backends.gguf import type_fallbacks
     from .loading import read_pipeline_index, resolve_pipeline_folder
 
     if backend != "gguf":
         raise typer.BadParameter(
-            f"{backend!r} has no single-file format; only 'gguf' is exported by this command "
-            "(save other backends with pipequant.save_pipeline).",
-            param_hint="--backend",
+            f"a .gguf file holds GGUF blocks; {backend!r} saves to a folder (give --out a folder).", param_hint="--backend"
         )
-    rules = dict(_pattern_rule(text) for text in rule)
-    config = GGUFQuantizationConfig(quant_type=qtype, type_rules=rules or None, modules_to_not_convert=keep or None)
+    if len(components) > 1:
+        raise typer.BadParameter("a .gguf file holds one component; name one.", param_hint="--components")
+    config = GGUFQuantizationConfig.from_kwargs(options, context="pipequant quantize")
     index = read_pipeline_index(resolve_pipeline_folder(path))
-    name = component or next((c for c in ("transformer", "unet") if c in index.components), None)
-    if name is None or index.component_class(name) is None:
-        raise typer.BadParameter(f"{index.pipeline_class_name} has no component {name!r}.", param_hint="--component")
+    name = components[0] if components else next((c for c in ("transformer", "unet") if c in index.components), None)
+    if name is None or name not in index.components or index.component_class(name) is None:
+        raise typer.BadParameter(f"{index.pipeline_class_name} has no component {name!r}.", param_hint="--components")
     started = time.perf_counter()
-    model = load_model(index.component_class(name), index.folder / name, config)
+    model = load_model(index.component_class(name), index.folder / name, config, torch_dtype=dtype)
     written = save_gguf(model, out, layout=layout, overwrite=overwrite)
-    fallbacks = type_fallbacks(model)
     console.print(
         f"Wrote {name} ({type(model).__name__}, {config!r}) to {written}: {format_bytes(written.stat().st_size)} "
         f"in {time.perf_counter() - started:.1f} s"
     )
-    for layer, (asked, stored) in fallbacks.items():
+    for layer, (asked, stored) in type_fallbacks(model).items():
         console.print(f"  {layer}: {stored} (rows do not fit {asked} blocks)")
+
+
+def _stored_quantization(folder: Path) -> str:
+    """What a saved component's config.json says it holds, as the config that made it prints."""
+    from .backends import config_from_dict
+    from .restoring import stored_quantization_config
+
+    stored = stored_quantization_config(folder)
+    return "-" if stored is None else repr(config_from_dict(stored, context=str(folder)))
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    """KEY=VALUE, the value read as JSON where it is JSON (numbers, true/false, lists), else as a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise typer.BadParameter(f"{text!r} is not KEY=VALUE.", param_hint="--kwargs")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+@app.command()
+def plan(
+    path: str = typer.Argument(..., help="Pipeline folder or Hub repo id."),
+    budget: str = typer.Option(..., help="Memory for the model components, e.g. 8GB, 7.5GiB, 500MB."),
+    dtype: str = typer.Option(None, help="Load dtype, e.g. bfloat16 (default: as stored)."),
+    mode: list[str] = typer.Option([], "--mode", help="Candidate mode (repeatable; default: the planner's list)."),
+    component: list[str] = typer.Option([], "--component", help="Component that may be quantized (repeatable; default: all)."),
+    out: Path = typer.Option(None, help="Write the chosen config to this .json file (for --config elsewhere)."),
+    rows: int = typer.Option(32, help="Rows sampled per layer to measure errors."),
+    columns: int = typer.Option(512, help="Columns read back per layer to measure errors."),
+) -> None:
+    """Choose the config that fits a memory budget with the least expected quality loss, and explain it."""
+    from .config_spec import write_config
+    from .planning import plan as make_plan
+    from .presets import PLAN_CANDIDATES
+
+    started = time.perf_counter()
+    chosen, explanation = make_plan(
+        path, budget, _dtype(dtype), candidates=mode or PLAN_CANDIDATES, components=component or None,
+        rows=rows, columns=columns, progress=True,
+    )
+    console.print(explanation)
+    console.print(f"Planned in {time.perf_counter() - started:.1f} s: {chosen!r}")
+    if out is not None:
+        console.print(f"Wrote {write_config(chosen, out)}" if chosen is not None else f"Fits unquantized; {out} not written.")
+
+
+@app.command()
+def compare(
+    path: str = typer.Argument(..., help="Pipeline folder or Hub repo id."),
+    config: list[str] = typer.Option(..., "--config", help="A variant to compare: MODE[:COMPONENTS], BACKEND[:COMPONENTS] or a .json file (repeatable)."),
+    prompt: list[str] = typer.Option(..., "--prompt", help="Prompt (repeatable)."),
+    seed: list[int] = typer.Option([0], "--seed", help="Seed (repeatable)."),
+    steps: int = typer.Option(4, help="Inference steps."),
+    height: int = typer.Option(None, help="Image height (default: the pipeline's)."),
+    width: int = typer.Option(None, help="Image width (default: the pipeline's)."),
+    dtype: str = typer.Option(None, help="Load dtype of every variant and the reference, e.g. bfloat16."),
+    out: Path = typer.Option(Path("pipequant-compare"), help="Folder for grid.png and report.md."),
+) -> None:
+    """Generate with the full-precision pipeline and each quantized variant; report per-component and image quality."""
+    from .config_spec import parse_config
+    from .loading import load_pipeline
+    from .quality import compare as run_compare
+
+    torch_dtype = _dtype(dtype)
+    reference = load_pipeline(path, torch_dtype=torch_dtype)
+    variants = {spec: load_pipeline(path, parse_config(spec), torch_dtype=torch_dtype, progress=True) for spec in config}
+    size = {key: value for key, value in (("height", height), ("width", width)) if value is not None}
+    report = run_compare(reference, variants, prompt, seed, out_dir=out, num_inference_steps=steps, **size)
+    console.print(report.markdown.read_text(), markup=False, highlight=False)
+    console.print(f"Wrote {report.markdown} and {report.grid}")
+
+
+def _modes_table(folder: Path, torch_dtype) -> Table:
+    """Bytes of each model component (and the total) in full precision and in each mode that runs on CPU."""
+    import torch
+
+    from .presets import PRESETS, preset_pipeline_config, usable
+    from .sizing import estimate
+
+    modes = {"full precision": None} | {m: preset_pipeline_config(m) for m in PRESETS if usable(m, torch.device("cpu"))}
+    estimates = {mode: estimate(folder, config, torch_dtype) for mode, config in modes.items()}
+    names = [row.name for row in estimates["full precision"]]
+    table = Table(title="Estimated bytes per mode (every model component quantized)")
+    table.add_column("mode")
+    for name in [*names, "total"]:
+        table.add_column(name, justify="right")
+    for mode, rows in estimates.items():
+        table.add_row(mode, *(format_bytes(r.bytes_after) for r in rows), format_bytes(sum(r.bytes_after for r in rows)))
+    return table
+
+
+def _dtype(name: str | None):
+    from .backends.base import dtype_from_any
+
+    return dtype_from_any(name, "--dtype")
 
 
 def _pattern_rule(text: str) -> tuple[str, str]:

@@ -100,7 +100,7 @@ def quantize_model(
         module = model.get_submodule(name)
         layer_device = torch.device(device) if device is not None else module.weight.device
         backend.check_device(config, layer_device)
-        replace_module(model, name, backend.quantize(module, config, layer_device))
+        replace_module(model, name, backend.quantize(name, module, config, layer_device))
     setattr(
         model,
         RECORD_ATTRIBUTE,

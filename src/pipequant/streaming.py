@@ -108,7 +108,7 @@ def stream_model(
             full_nbytes += tensor.numel() * tensor.element_size()
         if name in targets:
             assert backend is not None and config is not None
-            layer = backend.quantize(module, config, device)
+            layer = backend.quantize(name, module, config, device)
             replace_module(model, name, layer)
             if layer is not module:  # `owners` still holds the old layer: drop its full-precision tensors now
                 module._parameters.clear()
@@ -209,7 +209,12 @@ def _match_keys(
                 key_map[key] = candidate
                 break
     missing = sorted(k for k in expected - set(key_map) - tied if not _ignored(model, "missing", k))
-    unexpected = sorted(k for k in stored - set(key_map.values()) if not _ignored(model, "unexpected", k))
+    # Older checkpoints store buffers that are non-persistent now (BERT's position_ids); the model
+    # makes those itself, and transformers skips them too.
+    non_persistent = _non_persistent_buffer_names(model, prefix)
+    unexpected = sorted(
+        k for k in stored - set(key_map.values()) - non_persistent if not _ignored(model, "unexpected", k)
+    )
     problems = []
     if missing:
         problems.append(f"missing {len(missing)} keys the model needs ({_sample(missing)})")
@@ -236,6 +241,15 @@ def _is_param(model: nn.Module, key: str) -> bool:
     module_name, _, name = key.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
     return name in module._parameters
+
+
+def _non_persistent_buffer_names(model: nn.Module, prefix: str) -> set[str]:
+    names = set()
+    for module_name, module in model.named_modules():
+        for buffer_name in getattr(module, "_non_persistent_buffers_set", ()):
+            key = f"{module_name}.{buffer_name}" if module_name else buffer_name
+            names.update({key, f"{prefix}.{key}"} if prefix else {key})
+    return names
 
 
 def _ignored(model: nn.Module, kind: str, key: str) -> bool:

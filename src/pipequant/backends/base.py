@@ -215,8 +215,8 @@ class Backend(ABC):
         return type(module) is nn.Linear and not config.excluded(module_name)
 
     @abstractmethod
-    def quantize(self, module: nn.Module, config: BackendConfig, device: torch.device) -> nn.Module:
-        """Quantize one layer whose weights are real (on `device`); returns the module to put in its place.
+    def quantize(self, module_name: str, module: nn.Module, config: BackendConfig, device: torch.device) -> nn.Module:
+        """Quantize layer `module_name`, whose weights are real (on `device`); returns the module to put in its place.
 
         The full-precision weights may be released by the caller as soon as this returns.
         """

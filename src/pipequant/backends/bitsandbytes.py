@@ -37,7 +37,7 @@ _4BIT_BLOCKSIZE = 64
 _NESTED_BLOCKSIZE = 256  # double quantization: uint8 block scales, one float32 scale per 256 of them
 _4BIT_CODE_NBYTES = 16 * 4  # the nf4/fp4 code book, float32
 _NESTED_CODE_NBYTES = 256 * 4  # the 8-bit code book of the block scales, float32
-_TYPICAL_OFFSET = 0.012345679104328156  # a float32 mean as Python prints it, for the JSON state's length
+_TYPICAL_OFFSET = 0.10000000149011612  # a float32 (0.1) as Python prints it, for the JSON state's length
 
 
 @dataclasses.dataclass(repr=False)
@@ -202,7 +202,7 @@ class BitsAndBytes4bitBackend(Backend):
     pip_extra = "bitsandbytes"
     simple_form_defaults = {"load_in_4bit": True}
 
-    def quantize(self, module: nn.Module, config: BackendConfig, device: torch.device) -> nn.Module:
+    def quantize(self, module_name: str, module: nn.Module, config: BackendConfig, device: torch.device) -> nn.Module:
         import bitsandbytes as bnb
 
         assert isinstance(config, BitsAndBytesConfig) and isinstance(module, nn.Linear)
@@ -277,10 +277,10 @@ class BitsAndBytes4bitBackend(Backend):
         """
         assert isinstance(config, BitsAndBytesConfig) and isinstance(module, nn.Linear)
         storage = config.bnb_4bit_quant_storage or torch.uint8
-        packed = blocks = 0
-        for size in bnb_chunked.chunk_sizes(module.weight.numel()):  # the slices `quantize` makes
-            packed += (size + 1) // (storage.itemsize * 2) * storage.itemsize
-            blocks += -(size // -_4BIT_BLOCKSIZE)
+        # quantized in slices of whole blocks (bnb_chunked), which pack to exactly these sums
+        numel = module.weight.numel()
+        packed = (numel + 1) // (storage.itemsize * 2) * storage.itemsize
+        blocks = -(numel // -_4BIT_BLOCKSIZE)
         state: dict[str, Any] = {
             "quant_type": config.bnb_4bit_quant_type,
             "blocksize": _4BIT_BLOCKSIZE,
@@ -302,9 +302,7 @@ class BitsAndBytes8bitBackend(Backend):
     pip_extra = "bitsandbytes"
     simple_form_defaults = {"load_in_8bit": True}
 
-    def quantize(self, module: nn.Module, config: BackendConfig, device: torch.device) -> nn.Module:
-        import bitsandbytes as bnb
-
+    def quantize(self, module_name: str, module: nn.Module, config: BackendConfig, device: torch.device) -> nn.Module:
         assert isinstance(config, BitsAndBytesConfig) and isinstance(module, nn.Linear)
         # Int8Params.to() quantizes only when moving off the CPU-resident copy; calling the
         # functional API directly works the same wherever the weight already is.

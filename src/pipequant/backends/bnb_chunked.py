@@ -28,17 +28,15 @@ def quantize_4bit(
     import bitsandbytes.functional as F
 
     flat = weight.reshape(-1)
+    step = max(blocksize, chunk_elements // blocksize * blocksize)
     packed_parts, absmax_parts = [], []
-    start = 0
-    for size in chunk_sizes(flat.numel(), blocksize, chunk_elements):
+    starts = list(range(0, flat.numel(), step))
+    for i, start in enumerate(starts):
+        # the last slice takes the remainder too, so a trailing partial block is handled as bitsandbytes does
+        end = flat.numel() if i == len(starts) - 1 else start + step
         packed, state = F.quantize_4bit(
-            flat[start : start + size],
-            blocksize=blocksize,
-            compress_statistics=False,
-            quant_type=quant_type,
-            quant_storage=quant_storage,
+            flat[start:end], blocksize=blocksize, compress_statistics=False, quant_type=quant_type, quant_storage=quant_storage
         )
-        start += size
         packed_parts.append(packed)
         absmax_parts.append(state.absmax)
     packed = torch.cat(packed_parts)
@@ -61,17 +59,6 @@ def quantize_4bit(
         offset=offset,
         state2=nested_state,
     )
-
-
-def chunk_sizes(numel: int, blocksize: int = 64, chunk_elements: int = CHUNK_ELEMENTS) -> list[int]:
-    """Element counts of the slices `quantize_4bit` quantizes one at a time.
-
-    Every slice but the last is a whole number of blocks; the last takes the remainder too, so a
-    trailing partial block is handled as bitsandbytes does.
-    """
-    step = max(blocksize, chunk_elements // blocksize * blocksize)
-    starts = list(range(0, numel, step))
-    return [step] * (len(starts) - 1) + [numel - starts[-1]] if starts else []
 
 
 def int8_vectorwise_quant(weight: torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:

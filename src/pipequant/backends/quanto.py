@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .base import Backend, BackendConfig, LayerState, QuantizationConfigError
+from .base import Backend, BackendConfig, LayerState, QuantizationConfigError, bias_nbytes
 
 WEIGHT_DTYPES = ("int2", "int4", "int8", "float8")
 #: int8 is quanto's too, but needs calibration that loading cannot do (see `QuantoConfig`)
@@ -89,7 +89,7 @@ class QuantoBackend(Backend):
     module_name = "optimum.quanto"
     pip_extra = "quanto"
 
-    def quantize(self, module: nn.Module, config: BackendConfig, device: torch.device) -> nn.Module:
+    def quantize(self, module_name: str, module: nn.Module, config: BackendConfig, device: torch.device) -> nn.Module:
         from optimum.quanto import quantize_module
 
         assert isinstance(config, QuantoConfig) and isinstance(module, nn.Linear)
@@ -97,6 +97,27 @@ class QuantoBackend(Backend):
         layer = quantize_module(module.to(device), weights=f"q{config.weights_dtype}", activations=activations)
         layer.freeze()
         return layer
+
+    def estimate_layer_nbytes(
+        self, module_name: str, module: nn.Module, config: BackendConfig, dtype: torch.dtype
+    ) -> int:
+        """Weight data, its scales (and shifts, below 8 bits) in `dtype`, the two activation scales, the bias.
+
+        8-bit types keep one byte per weight and a scale per row; int4 / int2 pack 2 / 4 values
+        per byte along rows of groups (see `quanto_group_size`), with a scale and a shift per group.
+        """
+        assert isinstance(config, QuantoConfig) and isinstance(module, nn.Linear)
+        rows, columns = module.out_features, module.in_features
+        bits = int(config.weights_dtype.removeprefix("int").removeprefix("float"))
+        if bits == 8:
+            weight = rows * columns + rows * dtype.itemsize
+        else:
+            group = quanto_group_size(columns)
+            if group is not None:
+                rows, columns = rows * columns // group, group
+            per_byte = 8 // bits
+            weight = -(rows // -per_byte) * columns + 2 * rows * dtype.itemsize
+        return weight + 2 * dtype.itemsize + bias_nbytes(module, dtype)
 
     def is_quantized(self, module: nn.Module) -> bool:
         from optimum.quanto import QModuleMixin
@@ -120,6 +141,19 @@ class QuantoBackend(Backend):
         except RuntimeError as error:
             raise ValueError(f"not a quanto {config.weights_dtype} layer: {error}") from error
         return layer.to(device)
+
+
+def quanto_group_size(in_features: int) -> int | None:
+    """The group size quanto's `QLinear` picks for int4 / int2 weights (None: one group per row).
+
+    The largest of 128, 96, 64 that divides the row, for rows longer than 128.
+    """
+    group_size = 128
+    if in_features <= group_size:
+        return None
+    while in_features % group_size and group_size > 32:
+        group_size -= 32
+    return group_size if in_features % group_size == 0 else None
 
 
 BACKENDS: tuple[Backend, ...] = (QuantoBackend(),)

@@ -350,7 +350,7 @@ class TorchAoBackend(Backend):
                     f"has {capability[0]}.{capability[1]}. Use {family.cpu_instead} instead."
                 )
 
-    def quantize(self, module: nn.Module, config: BackendConfig, device: torch.device) -> nn.Module:
+    def quantize(self, module_name: str, module: nn.Module, config: BackendConfig, device: torch.device) -> nn.Module:
         """`quantize_` on a new layer holding `module`'s tensors, inside a one-layer wrapper.
 
         A new layer, because `quantize_` swaps weights in place and the caller may clear the old
@@ -371,6 +371,25 @@ class TorchAoBackend(Backend):
                 f"({module.in_features} -> {module.out_features}) on {device}: {error}"
             ) from error
         return wrapper[0]
+
+    def estimate_layer_nbytes(
+        self, module_name: str, module: nn.Module, config: BackendConfig, dtype: torch.dtype
+    ) -> int:
+        """torchao's own `quantize_` on a layer of the same shape on the meta device: its tensor
+        subclasses get their real inner shapes and dtypes without a byte of data, for any config.
+
+        Types whose quantizer needs CUDA kernels (int4wo, float8dq) refuse the meta device; for
+        them this raises `QuantizationConfigError`.
+        """
+        assert isinstance(module, nn.Linear)
+        meta = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta", dtype=dtype)
+        try:
+            return self.layer_nbytes(self.quantize(module_name, meta, config, torch.device("meta")))
+        except (RuntimeError, ValueError) as error:
+            raise QuantizationConfigError(
+                f"cannot estimate the size of torchao {getattr(config, 'label', config)!r} layers: quantizing on the "
+                f"meta device failed ({error})"
+            ) from error
 
     def is_quantized(self, module: nn.Module) -> bool:
         from torchao.utils import TorchAOBaseTensor

@@ -13,7 +13,7 @@ import torch
 from diffusers import FluxTransformer2DModel
 from diffusers import GGUFQuantizationConfig as DiffusersGGUFConfig
 from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
-from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, LlamaFileType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFWriter, LlamaFileType
 from torch import nn
 from typer.testing import CliRunner
 
@@ -29,8 +29,8 @@ from pipequant import (
     save_pipeline,
 )
 from pipequant.backends import get_backend
-from pipequant.backends.gguf import GGML_TYPES, GGUFLinear, GGUFTypeFallbackWarning, dequantize, type_fallbacks
-from pipequant.backends.gguf.config import GGUF_TYPES
+from pipequant.backends.gguf import GGML_TYPES, GGUFLinear, GGUFTypeFallbackWarning, type_fallbacks
+from pipequant.backends.gguf.config import GGUF_TYPE_SIZES
 from pipequant.cli import app
 
 BF16 = torch.bfloat16
@@ -115,7 +115,8 @@ def community_file(exported, tmp_path_factory) -> Path:
 
 
 def test_config_validates_types_and_rules():
-    assert GGUF_TYPES == GGML_TYPES  # the config's own list (importable without gguf) is the codecs' list
+    # the config's own table (importable without gguf) is the codecs' types, with gguf-py's block sizes
+    assert GGUF_TYPE_SIZES == {name: GGML_QUANT_SIZES[GGMLQuantizationType[name]] for name in GGML_TYPES}
     assert GGUFQuantizationConfig(quant_type="q4_k", compute_dtype="bfloat16").quant_type == "Q4_K"
     with pytest.raises(QuantizationConfigError, match="quant_type='Q7_K' is not a GGML type.*Valid types: F32"):
         GGUFQuantizationConfig(quant_type="Q7_K")
@@ -188,6 +189,12 @@ def test_type_rules_first_match_wins_and_modules_to_not_convert_stay_plain(flux_
     assert types["proj_out"] == types["transformer_blocks.1.attn.to_v"] == "Q4_0"
     for name in ("x_embedder", "transformer_blocks.0.attn.to_k", "single_transformer_blocks.1.attn.to_k"):
         assert type(model.get_submodule(name)) is nn.Linear, name
+
+    backend = get_backend("gguf")
+    with torch.device("meta"):
+        empty = FluxTransformer2DModel.from_config(FluxTransformer2DModel.load_config(flux_path / "transformer"))
+    for name, layer in gguf_layers(model).items():  # sizes known before any weight is read, to the byte
+        assert backend.estimate_layer_nbytes(name, empty.get_submodule(name), config, BF16) == backend.layer_nbytes(layer)
 
 
 def test_rows_that_do_not_fit_the_blocks_fall_back_with_a_warning():
@@ -463,4 +470,4 @@ def test_cli_quantize_writes_a_gguf_file_that_loads(flux_path, tmp_path):
     refused = runner.invoke(
         app, ["quantize", str(flux_path), "--backend", "quanto", "--type", "Q8_0", "--out", str(out)], env={"COLUMNS": "300"}
     )
-    assert refused.exit_code == 2 and "only 'gguf' is exported by this command" in refused.output
+    assert refused.exit_code == 2 and "a .gguf file holds GGUF blocks" in refused.output

@@ -1,8 +1,6 @@
 """The "gguf" backend: full-precision linear layers become `GGUFLinear` layers of GGML blocks.
 
-The layer's type depends on its name (`type_rules`), and `Backend.quantize` is handed only the
-module, so `takes` (which sees the name, before any weight is read) notes the name of each layer
-it takes; `quantize` looks it up for the same module object when its weights have arrived.
+The layer's type depends on its name (`type_rules`), which `Backend.quantize` is given.
 
 A quantized layer is stored (in pipequant's safetensors folders, and in the view a .gguf file is
 read through, see `reader.py`) as ``weight`` (the raw blocks), ``weight_type`` (the GGML type id,
@@ -11,14 +9,13 @@ a 0-d int32 tensor, which also tells a stored GGUF layer from a plain one) and `
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Collection
 
 import torch
 from torch import nn
 
 from ..base import Backend, BackendConfig, LayerState, QuantizationConfigError
-from .config import GGUF_TYPES, GGUFQuantizationConfig
+from .config import GGUF_TYPES, GGUFQuantizationConfig, fitting_type, row_nbytes
 
 TYPE_TENSOR = "weight_type"
 #: per-layer metadata of a stored layer
@@ -51,34 +48,25 @@ class GGUFBackend(Backend):
     module_name = "gguf"
     pip_extra = "gguf"
 
-    def __init__(self) -> None:
-        self._names: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
-
     def check_device(self, config: BackendConfig, device: torch.device) -> None:
         """The codecs are plain torch and run anywhere; what is refused is quantizing without a type."""
-        assert isinstance(config, GGUFQuantizationConfig)
-        if config.quant_type is None:
-            raise QuantizationConfigError(
-                "This GGUFQuantizationConfig has no quant_type, so, like diffusers' GGUFQuantizationConfig, it only "
-                "loads .gguf files (e.g. load_pipeline(path, transformer='model.gguf', ...)). To quantize "
-                f"full-precision weights give quant_type, e.g. GGUFQuantizationConfig(quant_type='Q4_K'); types: "
-                f"{', '.join(GGUF_TYPES)}."
-            )
+        _require_quant_type(config)
 
-    def takes(self, module_name: str, module: nn.Module, config: BackendConfig) -> bool:
-        taken = super().takes(module_name, module, config)
-        if taken:
-            self._names[module] = module_name
-        return taken
-
-    def quantize(self, module: nn.Module, config: BackendConfig, device: torch.device) -> nn.Module:
+    def quantize(self, module_name: str, module: nn.Module, config: BackendConfig, device: torch.device) -> nn.Module:
         from .linear import quantize_linear
 
         assert isinstance(config, GGUFQuantizationConfig) and isinstance(module, nn.Linear)
-        name = self._names.get(module)
-        if name is None:
-            raise ValueError("GGUFBackend.quantize got a layer its takes() never saw, so type_rules cannot name it")
-        return quantize_linear(module, config.type_for(name), config.compute_dtype, name, device)
+        return quantize_linear(module, config.type_for(module_name), config.compute_dtype, module_name, device)
+
+    def estimate_layer_nbytes(
+        self, module_name: str, module: nn.Module, config: BackendConfig, dtype: torch.dtype
+    ) -> int:
+        """Exact: the rows of the type the layer gets (fallbacks included) plus the bias in the compute dtype."""
+        _require_quant_type(config)
+        assert isinstance(config, GGUFQuantizationConfig) and isinstance(module, nn.Linear)
+        stored = fitting_type(config.type_for(module_name), module.in_features, dtype)
+        bias = 0 if module.bias is None else module.out_features * (config.compute_dtype or dtype).itemsize
+        return module.out_features * row_nbytes(stored, module.in_features) + bias
 
     def is_quantized(self, module: nn.Module) -> bool:
         from .linear import GGUFLinear
@@ -126,6 +114,17 @@ class GGUFBackend(Backend):
             None if bias is None else bias.to(device),
             compute,
             requested_type=state.metadata.get(REQUESTED_TYPE_KEY),
+        )
+
+
+def _require_quant_type(config: BackendConfig) -> None:
+    assert isinstance(config, GGUFQuantizationConfig)
+    if config.quant_type is None:
+        raise QuantizationConfigError(
+            "This GGUFQuantizationConfig has no quant_type, so, like diffusers' GGUFQuantizationConfig, it only "
+            "loads .gguf files (e.g. load_pipeline(path, transformer='model.gguf', ...)). To quantize "
+            f"full-precision weights give quant_type, e.g. GGUFQuantizationConfig(quant_type='Q4_K'); types: "
+            f"{', '.join(GGUF_TYPES)}."
         )
 
 

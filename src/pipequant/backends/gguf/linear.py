@@ -8,7 +8,7 @@ diffusers' GGUF layers.
 
 A GGML type stores rows in blocks (32 weights, 256 for the K-quants); a layer whose input size is
 not a multiple gets the type llama.cpp's quantizer picks for such rows instead, or F16/BF16 when
-no block type fits. That is announced (`GGUFTypeFallbackWarning`, naming the layer and both
+no block type fits (`config.fitting_type`). That is announced (`GGUFTypeFallbackWarning`, naming the layer and both
 types) and kept on the layer (`requested_type`) for reports: `type_fallbacks(model)`.
 """
 
@@ -20,26 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quants import block_size, dequantize, quantize, type_size
-
-#: what llama.cpp's quantizer uses for rows that K-quant blocks do not divide (it has IQ4_NL for
-#: Q2_K/Q3_K, which pipequant's codecs lack; Q4_0 is the same size); then F16/BF16
-_BLOCK32_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+from .config import fitting_type, row_nbytes
+from .quants import block_size, dequantize, quantize
 
 
 class GGUFTypeFallbackWarning(UserWarning):
     """A layer was stored in another GGML type than asked, because its rows do not fit the type's blocks."""
-
-
-def fitting_type(requested: str, row_length: int, source_dtype: torch.dtype) -> str:
-    """`requested` if `row_length` divides into its blocks, else the nearest type that fits.
-
-    The last resort is BF16 for bfloat16 weights (lossless) and F16 otherwise, as llama.cpp does.
-    """
-    for candidate in (requested, _BLOCK32_FALLBACK.get(requested)):
-        if candidate is not None and row_length % block_size(candidate) == 0:
-            return candidate
-    return "BF16" if source_dtype == torch.bfloat16 else "F16"
 
 
 class GGUFLinear(nn.Module):
@@ -60,7 +46,7 @@ class GGUFLinear(nn.Module):
         requested_type: str | None = None,
     ) -> None:
         super().__init__()
-        expected = (out_features, in_features // block_size(ggml_type) * type_size(ggml_type))
+        expected = (out_features, row_nbytes(ggml_type, in_features))
         if in_features % block_size(ggml_type) or weight.dtype != torch.uint8 or tuple(weight.shape) != expected:
             raise ValueError(
                 f"a {ggml_type} weight of shape {(out_features, in_features)} is uint8 {expected}; "

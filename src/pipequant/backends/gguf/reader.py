@@ -137,7 +137,7 @@ def _check_types(path: Path, reader) -> None:
 
 def _whole(name: str, tensor) -> TensorPiece:
     shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-    return TensorPiece(name, tensor.tensor_type.name, shape, tensor.data, 0, shape[0] if shape else 1)
+    return TensorPiece(name, tensor.tensor_type.name, shape, tensor.data, 0, shape[0])
 
 
 def _bfl_pieces(path: Path, stored: dict) -> dict[str, TensorPiece]:
