@@ -34,6 +34,14 @@ def _diffusers(class_name: str, *args, **kwargs):
     return lambda: getattr(__import__("diffusers"), class_name)(*args, **kwargs)
 
 
+def _diffusers_torchao_int8wo():
+    """diffusers 0.42 takes a torchao config object only (a name is refused)."""
+    from diffusers import TorchAoConfig
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    return TorchAoConfig(Int8WeightOnlyConfig())
+
+
 def _none():
     return None
 
@@ -51,7 +59,7 @@ CASES = {
     ),
     "pipequant-fp4": ("pipequant", "bnb fp4", _ours("BitsAndBytesConfig", load_in_4bit=True, bnb_4bit_quant_type="fp4"), "checkpoint"),
     "pipequant-int8": ("pipequant", "bnb int8", _ours("BitsAndBytesConfig", load_in_8bit=True), "checkpoint"),
-    "diffusers-torchao-int8wo": ("diffusers", "torchao int8wo", _diffusers("TorchAoConfig", "int8wo"), "checkpoint"),
+    "diffusers-torchao-int8wo": ("diffusers", "torchao int8wo", _diffusers_torchao_int8wo, "checkpoint"),
     "pipequant-torchao-int8wo": ("pipequant", "torchao int8wo", _ours("TorchAoConfig", "int8wo"), "checkpoint"),
     "diffusers-quanto-int8": ("diffusers", "quanto int8", _diffusers("QuantoConfig", weights_dtype="int8"), "checkpoint"),
     "pipequant-quanto-int8": ("pipequant", "quanto int8", _ours("QuantoConfig", weights_dtype="int8"), "checkpoint"),

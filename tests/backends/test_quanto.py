@@ -60,15 +60,6 @@ def assert_same_state(ours: nn.Module, theirs: nn.Module) -> None:
         assert tensor.dtype == theirs_state[key].dtype and torch.equal(tensor, theirs_state[key]), key
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny layers gain nothing from a second thread, and on a shared machine threads wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("kind", MODELS)
 @pytest.mark.parametrize("weights_dtype", BITS)
 def test_pipeline_loads_quantized_and_generates(request, kind, weights_dtype, generate):

@@ -86,15 +86,6 @@ def unreadable_flux(flux_path: Path, tmp_path_factory: pytest.TempPathFactory) -
     return folder
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny layers gain nothing from a second thread, and on a shared machine threads wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("kind", MODELS)
 @pytest.mark.parametrize("quant_type", CPU_TYPES)
 def test_pipeline_loads_quantized_and_generates(request, kind, quant_type, generate):
