@@ -21,6 +21,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import torch
+from table import publish  # run as a script, so this folder is first on sys.path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "forward.md"
 IMAGE_TOKENS = 64  # a 128 x 128 image: 16 x 16 latents in 2 x 2 patches
@@ -141,9 +142,6 @@ def main() -> None:
 
 
 def print_and_write(rows: list[tuple[str, dict]], repeats: int, load_average: tuple[float, float]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     baseline = statistics.median(rows[0][1]["wall"])
     header = [
         "mode", "backend", "quantization", "forward median s", "min-max s", "vs bf16", "CPU s (median)",
@@ -162,17 +160,8 @@ def print_and_write(rows: list[tuple[str, dict]], repeats: int, load_average: tu
         f"One forward of a 0.4 B-parameter Flux transformer, {IMAGE_TOKENS} image + {TEXT_TOKENS} text tokens, "
         f"CPU ({torch.get_num_threads()} threads)"
     )
-    table = Table(title=title)
-    for column in header:
-        table.add_column(column)
-    for line in lines:
-        table.add_row(*line)
-    Console(width=200).print(table)
-
     libraries = ", ".join(f"{name} {version(name)}" for name in ("torch", "bitsandbytes", "torchao", "optimum-quanto"))
-    md = [
-        "# Forward benchmark",
-        "",
+    intro = "\n".join([
         f"`python bench/forward.py` on {platform.machine()}, {os.cpu_count()} cores ({torch.get_num_threads()} torch "
         f"threads); {libraries}. Every mode loads the same bf16 checkpoint (`make_tiny_pipeline(..., 'flux', "
         f"size='bench')`) through pipequant and runs the same seeded inputs: {IMAGE_TOKENS} image tokens and "
@@ -183,14 +172,8 @@ def print_and_write(rows: list[tuple[str, dict]], repeats: int, load_average: tu
         "",
         f"Load average (1 min) was {load_average[0]:.1f} at the start and {load_average[1]:.1f} at the end; above the "
         f"core count ({os.cpu_count()}), other processes shared the cores and the times are noisy.",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-        *("| " + " | ".join(line) + " |" for line in lines),
-        "",
-    ]
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text("\n".join(md))
+    ])
+    publish(RESULTS, "Forward benchmark", intro, title, header, lines)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,9 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from memory import PeakSampler, anonymous_bytes, rss_high_water_mark  # noqa: E402
+# run as a script, so this folder is first on sys.path
+from memory import PeakSampler, anonymous_bytes, rss_high_water_mark
+from table import publish
 
 RESULTS = Path(__file__).resolve().parent / "results" / "load.md"
 
@@ -193,9 +193,6 @@ def main() -> None:
 
 
 def print_and_write(rows: dict[str, dict], largest: int) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     header = [
         "case", "mode", "load s", "time vs reference", "model GB", "peak anon above baseline GB",
         "RSS high-water GB", "peak / 1.25 x (model + largest layer)",
@@ -214,31 +211,18 @@ def print_and_write(rows: dict[str, dict], largest: int) -> None:
             f"{r['model_bytes'] / 1e9:.3f}", f"{r['peak_above_baseline'] / 1e9:.3f}", f"{r['rss_hwm'] / 1e9:.2f}",
             f"{r['peak_above_baseline'] / bound:.2f} ({'met' if r['peak_above_baseline'] <= bound else 'missed'})",
         ])
-    table = Table(title="Loading a 0.4 B-parameter Flux transformer (bf16 checkpoint, page-cached), CPU")
-    for column in header:
-        table.add_column(column)
-    for line in lines:
-        table.add_row(*line)
-    Console(width=200).print(table)
     import platform
 
     import torch
 
-    md = [
-        "# Load benchmark",
-        "",
+    intro = (
         f"`python bench/load.py` on {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
         f"largest layer {largest / 1e6:.1f} MB in bf16. Each case in a fresh process; peak = anonymous memory "
         "(RSS less file-backed pages) sampled every 2 ms, above the process's memory after imports. "
-        "Reference: diffusers in the same mode, or for a reload row, pipequant quantizing from the bf16 checkpoint.",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-        *("| " + " | ".join(line) + " |" for line in lines),
-        "",
-    ]
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text("\n".join(md))
+        "Reference: diffusers in the same mode, or for a reload row, pipequant quantizing from the bf16 checkpoint."
+    )
+    title = "Loading a 0.4 B-parameter Flux transformer (bf16 checkpoint, page-cached), CPU"
+    publish(RESULTS, "Load benchmark", intro, title, header, lines)
 
 
 if __name__ == "__main__":
