@@ -190,7 +190,7 @@ def load_pipeline(
         backend.check_device(config, target)
 
     loaded: dict[str, Any] = {}
-    with _progress_bars(progress) as add_task:
+    with progress_bars(progress) as add_task:
         for name in index.components:
             if name in gguf_files:
                 loaded[name] = _load_gguf_component(
@@ -296,7 +296,7 @@ def _ignore_progress(done: int, total: int) -> None:
 
 
 @contextlib.contextmanager
-def _progress_bars(enabled: bool) -> Iterator[Any]:
+def progress_bars(enabled: bool) -> Iterator[Any]:
     """Yields add_task(description, total) -> ProgressCallback; rich bars when enabled, silent otherwise."""
     if not enabled:
         yield lambda description, total: _ignore_progress

@@ -24,7 +24,7 @@ from .backends import backend_for
 from .backends.base import BackendConfig
 from .backends.gguf.config import GGUFQuantizationConfig
 from .config import PipelineQuantizationConfig
-from .loading import _progress_bars, read_pipeline_index, resolve_pipeline_folder
+from .loading import progress_bars, read_pipeline_index, resolve_pipeline_folder
 from .plan_explanation import ComponentPlan, Explanation
 from .plan_solver import FULL, BudgetError, Component, Family, Layer, Option, check_feasible, solve
 from .presets import PLAN_CANDIDATES, preset, usable
@@ -86,7 +86,7 @@ def plan(
         choice = [(c.families[0], [layer.options[0] for layer in c.layers]) for c in sized]
     else:
         check_feasible(sized, limit)  # before the measurement: it needs sizes only
-        with _progress_bars(progress) as add_task:
+        with progress_bars(progress) as add_task:
             for component in sized:
                 _measure(component, rows=rows, columns=columns, seed=seed, device=device, add_task=add_task)
         choice = solve(sized, limit)

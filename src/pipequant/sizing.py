@@ -25,7 +25,7 @@ from .loading import read_pipeline_index, resolve_pipeline_folder
 from .quantizing import float32_patterns, quantization_targets
 from .report import ComponentMemory
 from .restoring import stored_quantization_config
-from .streaming import _match_keys, build_empty_model
+from .streaming import build_empty_model, match_keys
 
 #: safetensors header dtype names
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -124,7 +124,7 @@ class ModelLayout:
             self.model.tie_weights()
         self.torch_dtype = torch_dtype
         self._keep_fp32 = float32_patterns(self.model, torch_dtype)
-        key_map = _match_keys(self.model, self.checkpoint)
+        key_map = match_keys(self.model, self.checkpoint)
         self._stored_key: dict[int, str] = {}  # tensor id -> its checkpoint key (tied tensors share one)
         for full_name, tensor in self._named_tensors():
             if full_name in key_map:

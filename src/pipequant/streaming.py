@@ -76,7 +76,7 @@ def stream_model(
     else:
         targets = quantization_targets(model, backend, config) if backend is not None else set()
     keep_fp32 = float32_patterns(model, dtype)
-    key_map = _match_keys(model, checkpoint, skip=stored)
+    key_map = match_keys(model, checkpoint, skip=stored)
 
     owners = [(name, module) for name, module in model.named_modules() if _own_state_names(module)]
     full_nbytes = 0
@@ -188,7 +188,7 @@ def tied_groups(model: nn.Module) -> list[list[str]]:
     return [names for names in by_id.values() if len(names) > 1]
 
 
-def _match_keys(
+def match_keys(
     model: nn.Module, checkpoint: ComponentCheckpoint, skip: dict[str, dict[str, str]] | None = None
 ) -> dict[str, str]:
     """Model key -> checkpoint key, allowing the base-model prefix on one side only.
