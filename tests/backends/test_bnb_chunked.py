@@ -1,4 +1,4 @@
-"""Chunked bitsandbytes quantization gives bitsandbytes' own bytes, for every layout and option."""
+"""Chunked bitsandbytes 4-bit quantization gives bitsandbytes' own bytes, for every layout and option."""
 
 from __future__ import annotations
 
@@ -30,11 +30,3 @@ def test_4bit_chunks_match_bitsandbytes(shape, quant_type, double_quant, storage
     for key in theirs:
         assert torch.equal(ours[key], theirs[key]), key
 
-
-@pytest.mark.parametrize("shape", SHAPES)
-def test_int8_row_chunks_match_bitsandbytes(shape):
-    weight = torch.randn(*shape, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16) * 3
-    expected, expected_scales, _ = bnb.functional.int8_vectorwise_quant(weight.to(torch.float16))
-    int8_weight, scales = bnb_chunked.int8_vectorwise_quant(weight, chunk_elements=1000)
-    assert torch.equal(int8_weight, expected)
-    assert torch.equal(scales, expected_scales)

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from . import bnb_chunked
+from . import bnb_chunked, row_blocks
 from .base import (
     Backend,
     BackendConfig,
@@ -295,6 +295,15 @@ class BitsAndBytes4bitBackend(Backend):
         return packed + scales + _4BIT_CODE_NBYTES + len(json.dumps(state)) + bias_nbytes(module, dtype)
 
 
+def _int8_vectorwise_quant(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes' LLM.int8 weight format (int8 rows, one float32 absmax per row) of float16 rows,
+    as `Linear8bitLt` makes it."""
+    import bitsandbytes.functional as F
+
+    int8_rows, row_scales, _ = F.int8_vectorwise_quant(rows.to(torch.float16))
+    return int8_rows, row_scales
+
+
 class BitsAndBytes8bitBackend(Backend):
     name = "bitsandbytes_8bit"
     config_class = BitsAndBytesConfig
@@ -306,7 +315,7 @@ class BitsAndBytes8bitBackend(Backend):
         assert isinstance(config, BitsAndBytesConfig) and isinstance(module, nn.Linear)
         # Int8Params.to() quantizes only when moving off the CPU-resident copy; calling the
         # functional API directly works the same wherever the weight already is.
-        int8_weight, row_scales = bnb_chunked.int8_vectorwise_quant(module.weight.data.to(device))
+        int8_weight, row_scales = row_blocks.quantize_by_rows(module.weight.data.to(device), _int8_vectorwise_quant)
         layer = _linear8bit(module, config, int8_weight, row_scales)
         _copy_bias(module, layer, device)
         return layer

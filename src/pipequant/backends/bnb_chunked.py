@@ -1,10 +1,10 @@
-"""bitsandbytes quantization in chunks: the same bytes, a fraction of the temporary memory.
+"""bitsandbytes 4-bit quantization in chunks: the same bytes, a fraction of the temporary memory.
 
 bitsandbytes quantizes a whole weight at once, making float32 and int32 temporaries about eight
 times the size of a bf16 layer; for the largest layer of a model that sets the loader's peak
-memory. Both of its formats are blockwise (4-bit: blocks of 64 elements; 8-bit: one scale per
-row), so calling bitsandbytes' own functions on slices that end on block boundaries gives
-byte-identical results while only one slice's temporaries exist at a time.
+memory. Its 4-bit format is blockwise (blocks of 64 elements), so calling bitsandbytes' own
+function on slices that end on block boundaries gives byte-identical results while only one
+slice's temporaries exist at a time. (Its int8 format is per row: see `row_blocks`.)
 """
 
 from __future__ import annotations
@@ -60,18 +60,3 @@ def quantize_4bit(
         state2=nested_state,
     )
 
-
-def int8_vectorwise_quant(weight: torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 weight, per-row scales) as `bitsandbytes.functional.int8_vectorwise_quant` of the float16 weight."""
-    import bitsandbytes.functional as F
-
-    rows, columns = weight.shape
-    int8_weight = torch.empty((rows, columns), dtype=torch.int8, device=weight.device)
-    row_scales = torch.empty(rows, dtype=torch.float32, device=weight.device)
-    step = max(1, chunk_elements // columns)
-    for start in range(0, rows, step):
-        part = weight[start : start + step].to(torch.float16)
-        int8_part, scales, _ = F.int8_vectorwise_quant(part)
-        int8_weight[start : start + step] = int8_part
-        row_scales[start : start + step] = scales
-    return int8_weight, row_scales

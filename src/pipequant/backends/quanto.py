@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from . import row_blocks
 from .base import Backend, BackendConfig, LayerState, QuantizationConfigError, bias_nbytes
 
 WEIGHT_DTYPES = ("int2", "int4", "int8", "float8")
@@ -95,7 +96,10 @@ class QuantoBackend(Backend):
         assert isinstance(config, QuantoConfig) and isinstance(module, nn.Linear)
         activations = f"q{config.activations_dtype}" if config.activations_dtype else None
         layer = quantize_module(module.to(device), weights=f"q{config.weights_dtype}", activations=activations)
-        layer.freeze()
+        if layer.weight.shape[0] > 1:  # quanto quantizes a one-row weight per tensor
+            layer.weight = nn.Parameter(_weight_by_rows(layer))
+        else:
+            layer.freeze()
         return layer
 
     def estimate_layer_nbytes(
@@ -141,6 +145,41 @@ class QuantoBackend(Backend):
         except RuntimeError as error:
             raise ValueError(f"not a quanto {config.weights_dtype} layer: {error}") from error
         return layer.to(device)
+
+
+def _weight_by_rows(layer: nn.Module) -> torch.Tensor:
+    """What `layer.freeze()` makes of the layer's weight, quantized a block of rows at a time with
+    quanto's own optimizer and kernels (see `row_blocks`: same bytes, several times faster).
+
+    quanto's scales (and shifts) are per row, or per group within a row below 8 bits, so blocks of
+    rows are independent; the sub-8-bit packing, which mixes rows, runs once on the whole.
+    """
+    from optimum.quanto.tensor.weights import WeightQBitsTensor, WeightQBytesTensor
+
+    weight = layer.weight.detach()
+    qtype, group_size = layer.weight_qtype, layer.weight_group_size
+    if qtype.bits == 8:
+
+        def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            scale = layer.optimizer(rows, qtype=qtype, axis=0)
+            return torch.ops.quanto.quantize_symmetric(rows, dtype=qtype.dtype, axis=0, scale=scale), scale
+
+        data, scale = row_blocks.quantize_by_rows(weight, quantize_rows)
+        return WeightQBytesTensor.create(
+            qtype, 0, size=weight.size(), stride=weight.stride(), data=data, scale=scale, activation_qtype=layer.activation_qtype
+        )
+
+    def quantize_grouped_rows(rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        scale, shift = layer.optimizer(rows, qtype=qtype, axis=0, group_size=group_size)
+        data = torch.ops.quanto.quantize_affine(rows, bits=qtype.bits, axis=0, group_size=group_size, scale=scale, shift=shift)
+        count = rows.shape[0]  # quanto lays groups out as rows of their own: fold them back per weight row
+        return data.view(count, -1), scale.view(count, -1), shift.view(count, -1)
+
+    data, scale, shift = row_blocks.quantize_by_rows(weight, quantize_grouped_rows)
+    group = group_size or weight.shape[1]
+    return WeightQBitsTensor.create(
+        qtype, 0, group_size, weight.size(), weight.stride(), data.view(-1, group), scale.view(-1, 1), shift.view(-1, 1)
+    )
 
 
 def quanto_group_size(in_features: int) -> int | None:

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from . import row_blocks
 from .base import Backend, BackendConfig, LayerState, QuantizationConfigError, dtype_from_any
 
 
@@ -321,6 +322,71 @@ def _torchao_kwargs(options: dict[str, Any], family: _Family) -> dict[str, Any]:
     return kwargs
 
 
+def _quantize_layer(
+    weight: torch.Tensor, bias: torch.Tensor | None, config: TorchAoConfig, device: torch.device
+) -> nn.Module:
+    """`quantize_` on a new layer holding `weight` and `bias`, inside a one-layer wrapper.
+
+    A new layer, because `quantize_` swaps weights in place and the caller may clear the old
+    layer's parameters once this returns; a wrapper, so a config that swaps the module itself
+    (not just its weight) works too.
+    """
+    from torchao.quantization import quantize_
+
+    out_features, in_features = weight.shape
+    layer = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
+    layer.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+    layer.bias = bias
+    wrapper = nn.Sequential(layer)
+    try:
+        quantize_(wrapper, config.torchao_config(), device=device)
+    except (AssertionError, ImportError, NotImplementedError) as error:
+        raise QuantizationConfigError(
+            f"torchao cannot apply quant_type {config.label!r} to a {weight.dtype} layer "
+            f"({in_features} -> {out_features}) on {device}: {error}"
+        ) from error
+    return wrapper[0]
+
+
+def _quantize_by_rows(module: nn.Linear, config: TorchAoConfig, device: torch.device) -> nn.Module:
+    """`_quantize_layer` on blocks of rows, their inner tensors stacked into one torchao tensor.
+
+    Raises `row_blocks.NotRowSeparable` (after one block) unless the first block comes back as a
+    plain `nn.Linear` holding a torchao tensor whose quantization blocks are single rows
+    (``block_size[0] == 1``) with every inner tensor one row per weight row.
+    """
+    from torchao.utils import TorchAOBaseTensor
+
+    blocks: list[nn.Module] = []  # the first block's layer
+
+    def quantize_rows(rows: torch.Tensor) -> list[torch.Tensor]:
+        layer = _quantize_layer(rows, None, config, device)
+        weight = layer.weight
+        if type(layer) is not nn.Linear or not isinstance(weight, TorchAOBaseTensor):
+            raise row_blocks.NotRowSeparable(f"torchao made a {type(layer).__name__} holding a {type(weight).__name__}")
+        names, attributes = weight.__tensor_flatten__()
+        block_size = attributes.get("block_size") if isinstance(attributes, dict) else None
+        if block_size is None or block_size[0] != 1:
+            raise row_blocks.NotRowSeparable(f"{type(weight).__name__} has blocks of {block_size}")
+        if not blocks:
+            blocks.append(layer)
+        elif attributes != blocks[0].weight.__tensor_flatten__()[1]:
+            raise row_blocks.NotRowSeparable("blocks of rows quantized with different attributes")
+        return [getattr(weight, name) for name in names]
+
+    inner = row_blocks.quantize_by_rows(module.weight.detach(), quantize_rows)
+    layer = blocks[0]  # keeps whatever torchao set on the layer besides its weight
+    names, attributes = layer.weight.__tensor_flatten__()
+    weight = type(layer.weight).__tensor_unflatten__(
+        dict(zip(names, inner)), attributes, module.weight.shape, module.weight.stride()
+    )
+    layer.weight = nn.Parameter(weight, requires_grad=False)
+    if module.bias is not None:
+        layer.bias = nn.Parameter(module.bias.detach().to(device), requires_grad=module.bias.requires_grad)
+    layer.out_features = module.out_features
+    return layer
+
+
 _CPU_TYPES = [name for name, (class_name, _) in QUANT_TYPES.items() if _FAMILIES[class_name].runs_on_cpu]
 
 
@@ -351,26 +417,18 @@ class TorchAoBackend(Backend):
                 )
 
     def quantize(self, module_name: str, module: nn.Module, config: BackendConfig, device: torch.device) -> nn.Module:
-        """`quantize_` on a new layer holding `module`'s tensors, inside a one-layer wrapper.
+        """torchao's `quantize_` on the layer, a block of rows at a time where the format is per row.
 
-        A new layer, because `quantize_` swaps weights in place and the caller may clear the old
-        layer's parameters once this returns; a wrapper, so a config that swaps the module itself
-        (not just its weight) works too.
+        Blocks of rows give the same tensors as one call on the whole weight, several times faster
+        (see `row_blocks`); formats with a per-tensor scale or a packing across rows take the whole.
         """
-        from torchao.quantization import quantize_
-
         assert isinstance(config, TorchAoConfig) and isinstance(module, nn.Linear)
-        layer = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
-        layer.weight, layer.bias = module.weight, module.bias
-        wrapper = nn.Sequential(layer)
-        try:
-            quantize_(wrapper, config.torchao_config(), device=device)
-        except (AssertionError, ImportError, NotImplementedError) as error:
-            raise QuantizationConfigError(
-                f"torchao cannot apply quant_type {config.label!r} to a {module.weight.dtype} layer "
-                f"({module.in_features} -> {module.out_features}) on {device}: {error}"
-            ) from error
-        return wrapper[0]
+        if module.out_features > row_blocks.rows_per_block(module.in_features):
+            try:
+                return _quantize_by_rows(module, config, device)
+            except row_blocks.NotRowSeparable:
+                pass
+        return _quantize_layer(module.weight, module.bias, config, device)
 
     def estimate_layer_nbytes(
         self, module_name: str, module: nn.Module, config: BackendConfig, dtype: torch.dtype
@@ -384,7 +442,7 @@ class TorchAoBackend(Backend):
         assert isinstance(module, nn.Linear)
         meta = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta", dtype=dtype)
         try:
-            return self.layer_nbytes(self.quantize(module_name, meta, config, torch.device("meta")))
+            return self.layer_nbytes(_quantize_layer(meta.weight, meta.bias, config, torch.device("meta")))
         except (RuntimeError, ValueError) as error:
             raise QuantizationConfigError(
                 f"cannot estimate the size of torchao {getattr(config, 'label', config)!r} layers: quantizing on the "
