@@ -359,9 +359,9 @@ class Q5_K(_SuperblockQuant, qtype=GGMLQuantizationType.Q5_K):
     @classmethod
     def dequantize_blocks(cls, blocks: torch.Tensor, out: torch.Tensor) -> None:
         d, dm = cls._scales(blocks)
-        qh = unpack_bits(blocks[:, 16:48], 1)
+        qh = unpack_bits(blocks[:, 16:48], 1, at=4)
         ql = unpack_bits(blocks[:, 48:].reshape(-1, 32), 4).view(-1, 8, 32)
-        scale_into(out, ql | (qh << 4), d, sub=dm)
+        scale_into(out, ql | qh, d, sub=dm)
 
 
 class Q2_K(GGMLQuant, qtype=GGMLQuantizationType.Q2_K):
@@ -427,8 +427,8 @@ class Q3_K(GGMLQuant, qtype=GGMLQuantizationType.Q3_K):
         dl = (fp16_value(blocks[:, 108:110]) * scales).unsqueeze(2)
         ql = unpack_bits(blocks[:, 32:96].reshape(-1, 32), 2).view(-1, 16, 16)
         # The high bit is stored inverted: a set bit means no -4 offset.
-        qh = unpack_bits(blocks[:, :32], 1).view(-1, 16, 16) ^ 1
-        scale_into(out, ql.view(torch.int8) - (qh << 2).view(torch.int8), dl)
+        qh = unpack_bits(blocks[:, :32] ^ _U8, 1, at=2).view(-1, 16, 16)
+        scale_into(out, ql.view(torch.int8) - qh.view(torch.int8), dl)
 
 
 class Q6_K(GGMLQuant, qtype=GGMLQuantizationType.Q6_K):
@@ -459,6 +459,6 @@ class Q6_K(GGMLQuant, qtype=GGMLQuantizationType.Q6_K):
     def dequantize_blocks(cls, blocks: torch.Tensor, out: torch.Tensor) -> None:
         dl = (fp16_value(blocks[:, 208:210]) * blocks[:, 192:208].view(torch.int8)).unsqueeze(2)
         ql = unpack_bits(blocks[:, :128].reshape(-1, 64), 4).view(-1, 8, 32)
-        qh = unpack_bits(blocks[:, 128:192].reshape(-1, 32), 2).view(-1, 8, 32)
-        q = (ql | (qh << 4)).view(torch.int8) - 32
+        qh = unpack_bits(blocks[:, 128:192].reshape(-1, 32), 2, at=4).view(-1, 8, 32)
+        q = (ql | qh).view(torch.int8).sub_(32)
         scale_into(out, q.view(-1, 16, 16), dl)

@@ -78,21 +78,29 @@ def fp16_value(raw: torch.Tensor) -> torch.Tensor:
 _WORD_TYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 
 
-def unpack_bits(raw: torch.Tensor, bits: int) -> torch.Tensor:
+def unpack_bits(raw: torch.Tensor, bits: int, at: int = 0) -> torch.Tensor:
     """``(n, k)`` bytes -> ``(n, 8 // bits, k)`` uint8 fields, lowest bits first.
 
     This is the interleaving every GGML type uses: field ``j`` of a run of bytes holds
     one contiguous run of weights. The bytes are processed as whole words (SWAR: a
     shift plus a repeated-byte mask extracts one field from up to 8 bytes at once),
-    copied first so the words are aligned.
+    copied first so the words are aligned. Each field is written straight into its
+    slot of the result (``torch.stack`` copies every small piece separately, which is
+    slower). ``at`` places each field at that bit of its byte instead of bit 0, for
+    high-bit planes that are OR-ed onto the low bits (it saves a shift of the result).
     """
     n, k = raw.shape
     size = next(size for size in (8, 4, 2, 1) if k % size == 0)
     words = torch.empty((n, k // size), dtype=_WORD_TYPES[size], device=raw.device)
     words.view(torch.uint8).copy_(raw)
-    mask = int.from_bytes(bytes([(1 << bits) - 1]) * size, "little")
-    fields = [words & mask] + [(words >> shift) & mask for shift in range(bits, 8, bits)]
-    return torch.stack(fields, 1).view(torch.uint8)
+    mask = int.from_bytes(bytes([((1 << bits) - 1) << at]) * size, "little")
+    if mask >= 1 << (8 * size - 1):
+        mask -= 1 << (8 * size)  # the same bits as a signed word
+    fields = torch.empty((n, 8 // bits, k // size), dtype=words.dtype, device=raw.device)
+    for j, shift in enumerate(range(-at, 8 - at, bits)):
+        moved = words >> shift if shift > 0 else words << -shift if shift < 0 else words
+        torch.bitwise_and(moved, mask, out=fields[:, j])
+    return fields.view(torch.uint8)
 
 
 def pack_bits(fields: torch.Tensor, bits: int) -> torch.Tensor:
