@@ -389,3 +389,16 @@ def test_stored_layer_that_does_not_fit_is_a_clear_error(saved_nf4: Path, tmp_pa
     save_file(tensors, weights, metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="layer 'proj_out' cannot be rebuilt.*weight.absmax"):
         load_pipeline(folder)
+
+
+def test_a_bfloat16_pipeline_reloads_in_bfloat16_without_a_torch_dtype(flux_path: Path, tmp_path: Path, generate) -> None:
+    config = PipelineQuantizationConfig(quant_mapping={"transformer": QuantoConfig(weights_dtype="int8")})
+    pipe = load_pipeline(flux_path, quantization_config=config, torch_dtype=torch.bfloat16)
+    saved = save_pipeline(pipe, tmp_path / "saved")
+    reloaded = load_pipeline(saved)  # the vae and text encoders are not quantized: their libraries load them
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        model = getattr(reloaded, name)
+        keep_fp32 = getattr(model, "_keep_in_fp32_modules", None) or []  # T5's `wo` stays float32
+        dtypes = {p.dtype for n, p in model.named_parameters() if not any(f".{m}." in f".{n}" for m in keep_fp32)}
+        assert dtypes == {torch.bfloat16}, name
+    np.testing.assert_array_equal(generate(reloaded), generate(pipe))

@@ -8,6 +8,8 @@ arbitrary code, and we never need it because every format we load exists as safe
 from __future__ import annotations
 
 import json
+import math
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -16,6 +18,14 @@ from safetensors import SafetensorError, safe_open
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # diffusers' and transformers' single-file names; other *.safetensors beside them are variants (fp16, ...)
 _STANDARD_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+
+#: safetensors header dtype names
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 class CheckpointError(ValueError):
@@ -54,6 +64,18 @@ class ComponentCheckpoint:
     def dtype(self, key: str) -> str:
         """The stored dtype as safetensors names it (e.g. "BF16")."""
         return self._handles[self._file_of[key]].get_slice(key).get_dtype()
+
+    def stored_float_dtype(self) -> torch.dtype | None:
+        """The floating dtype that most stored elements have; None when nothing stored is floating.
+
+        What "the dtype this component was saved in" means for a load that keeps stored dtypes.
+        """
+        elements: Counter[torch.dtype] = Counter()
+        for key in self.keys():
+            dtype = SAFETENSORS_DTYPES.get(self.dtype(key))
+            if dtype is not None and dtype.is_floating_point:
+                elements[dtype] += math.prod(self.shape(key))
+        return elements.most_common(1)[0][0] if elements else None
 
     def read(self, key: str, device: torch.device | str = "cpu") -> torch.Tensor:
         path = self._file_of[key]

@@ -232,8 +232,11 @@ def _load_component(
             model, checkpoint, config=config, dtype=torch_dtype, device=device, on_layer=on_layer, saved=saved
         )
     if issubclass(cls, nn.Module):
-        ComponentCheckpoint(folder)  # the same clear errors for bad files as the streaming path
-        kwargs = {} if torch_dtype is None else {"dtype": torch_dtype}  # the keyword of diffusers >= 0.42 and transformers 5
+        checkpoint = ComponentCheckpoint(folder)  # the same clear errors for bad files as the streaming path
+        # None keeps the stored dtype, as for streamed components (diffusers alone would make it
+        # float32): a pipeline saved in bfloat16 comes back in bfloat16 throughout
+        dtype = torch_dtype or checkpoint.stored_float_dtype()
+        kwargs = {} if dtype is None else {"dtype": dtype}  # the keyword of diffusers >= 0.42 and transformers 5
         model = cls.from_pretrained(folder, **kwargs)
         add_task(name, 1)(1, 1)
         return model.to(device) if device.type != "cpu" else model

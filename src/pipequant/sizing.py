@@ -19,22 +19,13 @@ from torch import nn
 
 from .backends import backend_for
 from .backends.base import BackendConfig, QuantizationConfigError, matches_module_pattern
-from .checkpoint import ComponentCheckpoint
+from .checkpoint import SAFETENSORS_DTYPES, ComponentCheckpoint
 from .config import PipelineQuantizationConfig
 from .loading import read_pipeline_index, resolve_pipeline_folder
 from .quantizing import float32_patterns, quantization_targets
 from .report import ComponentMemory
 from .restoring import stored_quantization_config
 from .streaming import build_empty_model, match_keys
-
-#: safetensors header dtype names
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
 
 def estimate(
     path: str | Path,
