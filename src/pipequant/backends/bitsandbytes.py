@@ -315,7 +315,7 @@ class BitsAndBytes8bitBackend(Backend):
         assert isinstance(config, BitsAndBytesConfig) and isinstance(module, nn.Linear)
         # Int8Params.to() quantizes only when moving off the CPU-resident copy; calling the
         # functional API directly works the same wherever the weight already is.
-        int8_weight, row_scales = row_blocks.quantize_by_rows(module.weight.data.to(device), _int8_vectorwise_quant)
+        int8_weight, row_scales = row_blocks.quantize_by_rows(module.weight.data.to(device), _int8_vectorwise_quant, device)
         layer = _linear8bit(module, config, int8_weight, row_scales)
         _copy_bias(module, layer, device)
         return layer

@@ -164,7 +164,7 @@ def _weight_by_rows(layer: nn.Module) -> torch.Tensor:
             scale = layer.optimizer(rows, qtype=qtype, axis=0)
             return torch.ops.quanto.quantize_symmetric(rows, dtype=qtype.dtype, axis=0, scale=scale), scale
 
-        data, scale = row_blocks.quantize_by_rows(weight, quantize_rows)
+        data, scale = row_blocks.quantize_by_rows(weight, quantize_rows, weight.device)
         return WeightQBytesTensor.create(
             qtype, 0, size=weight.size(), stride=weight.stride(), data=data, scale=scale, activation_qtype=layer.activation_qtype
         )
@@ -175,7 +175,7 @@ def _weight_by_rows(layer: nn.Module) -> torch.Tensor:
         count = rows.shape[0]  # quanto lays groups out as rows of their own: fold them back per weight row
         return data.view(count, -1), scale.view(count, -1), shift.view(count, -1)
 
-    data, scale, shift = row_blocks.quantize_by_rows(weight, quantize_grouped_rows)
+    data, scale, shift = row_blocks.quantize_by_rows(weight, quantize_grouped_rows, weight.device)
     group = group_size or weight.shape[1]
     return WeightQBitsTensor.create(
         qtype, 0, group_size, weight.size(), weight.stride(), data.view(-1, group), scale.view(-1, 1), shift.view(-1, 1)

@@ -27,13 +27,22 @@ class NotRowSeparable(ValueError):
     a packing across rows): the weight has to be quantized whole."""
 
 
-def rows_per_block(columns: int) -> int:
-    return max(1, BLOCK_ELEMENTS // max(1, columns))
+#: elements per block on a GPU: no cache to fit, but whole-weight temporaries (several float32
+#: copies of the largest layer) would count against the GPU peak; few blocks keep the per-call
+#: Python cost small (torchao's `quantize_` takes about half a millisecond). Not yet timed on a GPU.
+GPU_BLOCK_ELEMENTS = 1 << 24
+
+
+def rows_per_block(weight: torch.Tensor, device: torch.device) -> int:
+    """Rows per block for quantizing `weight` on `device`."""
+    elements = BLOCK_ELEMENTS if device.type == "cpu" else GPU_BLOCK_ELEMENTS
+    return max(1, elements // max(1, weight[0].numel()))
 
 
 def quantize_by_rows(
     weight: torch.Tensor,
     quantize_rows: Callable[[torch.Tensor], Sequence[torch.Tensor]],
+    device: torch.device,
 ) -> list[torch.Tensor]:
     """Each output of `quantize_rows(weight[block])`, stacked over the blocks along dim 0.
 
@@ -42,7 +51,7 @@ def quantize_by_rows(
     """
     rows = weight.shape[0]
     outputs: list[torch.Tensor] = []
-    for start, end in _block_bounds(rows, rows_per_block(weight[0].numel())):
+    for start, end in _block_bounds(rows, rows_per_block(weight, device)):
         parts = quantize_rows(weight[start:end])
         if any(part.dim() == 0 or part.shape[0] != end - start for part in parts):
             shapes = [tuple(part.shape) for part in parts]

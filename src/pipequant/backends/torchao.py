@@ -374,7 +374,7 @@ def _quantize_by_rows(module: nn.Linear, config: TorchAoConfig, device: torch.de
             raise row_blocks.NotRowSeparable("blocks of rows quantized with different attributes")
         return [getattr(weight, name) for name in names]
 
-    inner = row_blocks.quantize_by_rows(module.weight.detach(), quantize_rows)
+    inner = row_blocks.quantize_by_rows(module.weight.detach(), quantize_rows, device)
     layer = blocks[0]  # keeps whatever torchao set on the layer besides its weight
     names, attributes = layer.weight.__tensor_flatten__()
     weight = type(layer.weight).__tensor_unflatten__(
@@ -423,7 +423,7 @@ class TorchAoBackend(Backend):
         (see `row_blocks`); formats with a per-tensor scale or a packing across rows take the whole.
         """
         assert isinstance(config, TorchAoConfig) and isinstance(module, nn.Linear)
-        if module.out_features > row_blocks.rows_per_block(module.in_features):
+        if row_blocks.rows_per_block(module.weight, device) < module.out_features:
             try:
                 return _quantize_by_rows(module, config, device)
             except row_blocks.NotRowSeparable:
