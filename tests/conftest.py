@@ -40,6 +40,19 @@ def generate():
     return _generate
 
 
+def _assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    state_a, state_b = a.state_dict(), b.state_dict()
+    assert state_a.keys() == state_b.keys()
+    for key, tensor in state_a.items():
+        assert tensor.dtype == state_b[key].dtype and torch.equal(tensor, state_b[key]), key
+
+
+@pytest.fixture(scope="session")
+def assert_same_state():
+    """assert_same_state(a, b): two modules' state dicts hold the same keys, dtypes and values."""
+    return _assert_same_state
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked `cuda` run only where a CUDA GPU is present (CI has none; the device machine does)."""
     if torch.cuda.is_available():

@@ -175,13 +175,6 @@ def stored_keys(folder: Path) -> set[str]:
     return keys
 
 
-def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for key in sa:
-        assert sa[key].dtype == sb[key].dtype and torch.equal(sa[key], sb[key]), key
-
-
 IDS = torch.tensor([[5, 17, 42, 99, 1]])
 TRANSFORMERS_CONFIGS = {
     "nf4": transformers.BitsAndBytesConfig(
@@ -192,7 +185,7 @@ TRANSFORMERS_CONFIGS = {
 
 
 @pytest.mark.parametrize("mode", ["nf4", "int8"])
-def test_transformers_loads_our_saved_text_encoder(flux_path: Path, tmp_path: Path, mode: str) -> None:
+def test_transformers_loads_our_saved_text_encoder(flux_path: Path, tmp_path: Path, mode: str, assert_same_state) -> None:
     ours = quantized_t5(flux_path, mode)
     folder = save_model(ours, tmp_path / "t5")
     theirs = T5EncoderModel.from_pretrained(folder)  # transformers 5 runs bitsandbytes on CPU
@@ -204,7 +197,7 @@ def test_transformers_loads_our_saved_text_encoder(flux_path: Path, tmp_path: Pa
 
 
 @pytest.mark.parametrize("mode", ["nf4", "int8"])
-def test_we_load_what_transformers_saves(flux_path: Path, tmp_path: Path, mode: str) -> None:
+def test_we_load_what_transformers_saves(flux_path: Path, tmp_path: Path, mode: str, assert_same_state) -> None:
     theirs = T5EncoderModel.from_pretrained(flux_path / "text_encoder_2", quantization_config=TRANSFORMERS_CONFIGS[mode])
     theirs.save_pretrained(tmp_path / "theirs")
     save_model(quantized_t5(flux_path, mode), tmp_path / "ours")
@@ -221,7 +214,7 @@ def test_we_load_what_transformers_saves(flux_path: Path, tmp_path: Path, mode: 
     assert reloaded.pipequant_record.config.backend_name == f"bitsandbytes_{'8' if mode == 'int8' else '4'}bit"
 
 
-def test_pipeline_with_a_transformers_saved_component_loads(flux_path: Path, tmp_path: Path) -> None:
+def test_pipeline_with_a_transformers_saved_component_loads(flux_path: Path, tmp_path: Path, assert_same_state) -> None:
     folder = tmp_path / "pipe"
     shutil.copytree(flux_path, folder)
     shutil.rmtree(folder / "text_encoder_2")

@@ -11,6 +11,7 @@ import json
 import math
 from collections import Counter
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -30,6 +31,29 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 
 class CheckpointError(ValueError):
     """Weights that cannot be read: the message names the file and what to do."""
+
+
+class Checkpoint(Protocol):
+    """What the streaming loader reads a model's tensors through, one at a time: a component's
+    safetensors files (`ComponentCheckpoint`) or a .gguf file (`backends.gguf.reader.GGUFCheckpoint`).
+
+    Keys are the stored tensor names; `dtype` is the stored type's name (safetensors' "BF16", or
+    a GGML type such as "Q4_K"); `metadata` holds string entries savers keep beside the tensors.
+    """
+
+    folder: Path
+
+    def keys(self) -> list[str]: ...
+
+    def file_of(self, key: str) -> Path: ...
+
+    def shape(self, key: str) -> tuple[int, ...]: ...
+
+    def dtype(self, key: str) -> str: ...
+
+    def metadata(self) -> dict[str, str]: ...
+
+    def read(self, key: str, device: torch.device | str = "cpu") -> torch.Tensor: ...
 
 
 class ComponentCheckpoint:

@@ -17,7 +17,7 @@ from torch import nn
 
 from .backends import config_from_dict
 from .backends.base import Backend, BackendConfig, LayerState, QuantizationConfigError
-from .checkpoint import CheckpointError, ComponentCheckpoint
+from .checkpoint import Checkpoint, CheckpointError
 
 
 def stored_quantization_config(folder: Path) -> dict[str, Any] | None:
@@ -52,7 +52,7 @@ def saved_config(folder: Path, given: BackendConfig | None) -> BackendConfig | N
     return saved
 
 
-def saved_layers(model: nn.Module, checkpoint: ComponentCheckpoint, backend: Backend) -> dict[str, dict[str, str]]:
+def saved_layers(model: nn.Module, checkpoint: Checkpoint, backend: Backend) -> dict[str, dict[str, str]]:
     """Layer name -> {tensor name relative to the layer: stored key}, for each layer stored quantized.
 
     Stored keys are grouped under the longest module name they start with (allowing the
@@ -85,7 +85,7 @@ def restore_layer(
     module: nn.Module,
     name: str,
     stored: dict[str, str],
-    checkpoint: ComponentCheckpoint,
+    checkpoint: Checkpoint,
     *,
     backend: Backend,
     config: BackendConfig,

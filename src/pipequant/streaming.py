@@ -19,7 +19,7 @@ from torch import nn
 
 from .backends import backend_for
 from .backends.base import BackendConfig, matches_module_pattern
-from .checkpoint import CheckpointError, ComponentCheckpoint
+from .checkpoint import Checkpoint, CheckpointError
 from .quantizing import (
     RECORD_ATTRIBUTE,
     QuantizationRecord,
@@ -56,7 +56,7 @@ def build_empty_model(model_class: type[nn.Module], folder: Path) -> nn.Module:
 
 def stream_model(
     model: nn.Module,
-    checkpoint: ComponentCheckpoint,
+    checkpoint: Checkpoint,
     *,
     config: BackendConfig | None,
     dtype: torch.dtype | None,
@@ -189,7 +189,7 @@ def tied_groups(model: nn.Module) -> list[list[str]]:
 
 
 def match_keys(
-    model: nn.Module, checkpoint: ComponentCheckpoint, skip: dict[str, dict[str, str]] | None = None
+    model: nn.Module, checkpoint: Checkpoint, skip: dict[str, dict[str, str]] | None = None
 ) -> dict[str, str]:
     """Model key -> checkpoint key, allowing the base-model prefix on one side only.
 
@@ -280,7 +280,7 @@ def _finish_buffers(model: nn.Module, dtype: torch.dtype | None, keep_fp32: list
             module._buffers[buffer_name] = _cast(buffer, None if in_fp32 else dtype).to(device)
 
 
-def _check_nothing_left_on_meta(model: nn.Module, checkpoint: ComponentCheckpoint) -> None:
+def _check_nothing_left_on_meta(model: nn.Module, checkpoint: Checkpoint) -> None:
     left = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.device.type == "meta"]
     if left:
         raise CheckpointError(

@@ -53,13 +53,6 @@ def stored_linear(folder: Path, name: str, dtype: torch.dtype) -> nn.Linear:
     return layer
 
 
-def assert_same_state(ours: nn.Module, theirs: nn.Module) -> None:
-    ours_state, theirs_state = ours.state_dict(), theirs.state_dict()
-    assert ours_state.keys() == theirs_state.keys()
-    for key, tensor in ours_state.items():
-        assert tensor.dtype == theirs_state[key].dtype and torch.equal(tensor, theirs_state[key]), key
-
-
 @pytest.mark.parametrize("kind", MODELS)
 @pytest.mark.parametrize("weights_dtype", BITS)
 def test_pipeline_loads_quantized_and_generates(request, kind, weights_dtype, generate):
@@ -122,7 +115,7 @@ def test_mixed_backends_in_one_load(flux_path, generate):
 
 
 @pytest.mark.parametrize("weights_dtype", BITS)
-def test_quantized_layer_equals_quanto_applied_to_the_same_layer(flux_path, weights_dtype):
+def test_quantized_layer_equals_quanto_applied_to_the_same_layer(flux_path, weights_dtype, assert_same_state):
     folder = flux_path / "transformer"
     model = load_model(FluxTransformer2DModel, folder, QuantoConfig(weights_dtype), torch_dtype=torch.bfloat16)
     ours = model.get_submodule(LAYER)
@@ -135,7 +128,7 @@ def test_quantized_layer_equals_quanto_applied_to_the_same_layer(flux_path, weig
     assert packed < get_backend("quanto").layer_nbytes(ours) < 1.2 * packed + ours.bias.numel() * 2 + 4
 
 
-def test_quantize_pipeline_in_memory_gives_the_same_layers(flux_path):
+def test_quantize_pipeline_in_memory_gives_the_same_layers(flux_path, assert_same_state):
     config = PipelineQuantizationConfig(
         quant_backend="quanto", quant_kwargs={"weights_dtype": "int4"}, components_to_quantize=["transformer"]
     )

@@ -79,14 +79,12 @@ def test_torchao(shape, quant_type, torchao_config):
 # (160, 256): groups of 128 in bfloat16, which quanto repacks for its tinygemm kernel
 @pytest.mark.parametrize("shape", [*SHAPES, (160, 256)])
 @pytest.mark.parametrize("weights_dtype", ["int8", "float8", "int4", "int2"])
-def test_quanto(shape, weights_dtype):
+def test_quanto(shape, weights_dtype, assert_same_state):
     ours = get_backend("quanto").quantize("layer", make_linear(shape, 1), QuantoConfig(weights_dtype), CPU)
     theirs = quantize_module(make_linear(shape, 1), weights=f"q{weights_dtype}")
     theirs.freeze()
     assert type(ours.weight) is type(theirs.weight)
-    assert ours.state_dict().keys() == theirs.state_dict().keys()
-    for name, tensor in theirs.state_dict().items():
-        assert torch.equal(ours.state_dict()[name], tensor), name
+    assert_same_state(ours, theirs)
 
 
 @pytest.mark.parametrize("shape", SHAPES)

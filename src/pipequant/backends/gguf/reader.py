@@ -170,7 +170,7 @@ def _bfl_pieces(path: Path, stored: dict) -> dict[str, TensorPiece]:
 
 
 class GGUFCheckpoint:
-    """The tensors of a `GGUFFile` as the streaming loader reads a checkpoint (see `ComponentCheckpoint`).
+    """The tensors of a `GGUFFile` as the streaming loader reads a checkpoint (a `checkpoint.Checkpoint`).
 
     `linear_layers` are the names of the model's linear layers: those whose weight the file holds
     quantized (or which pipequant's metadata lists as GGUF layers) are presented as stored GGUF layers.
@@ -180,7 +180,7 @@ class GGUFCheckpoint:
         from .backend import TYPE_TENSOR
 
         self.file = file
-        self.folder = file.path  # named as in ComponentCheckpoint, for the loader's messages
+        self.folder = file.path  # the Checkpoint's name for where the tensors are, in the loader's messages
         listed = file.metadata.gguf_layers
         self.gguf_layers: dict[str, TensorPiece] = {}
         self._tensors: dict[str, TensorPiece] = {}
