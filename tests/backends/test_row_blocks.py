@@ -94,3 +94,15 @@ def test_bitsandbytes_int8(shape):
     expected, expected_scales, _ = bnb.functional.int8_vectorwise_quant(layer.weight.data.to(torch.float16))
     assert torch.equal(ours.weight.data, expected)
     assert torch.equal(ours.weight.SCB, expected_scales)
+
+
+def test_quanto_with_float8_activations(assert_same_state):
+    config = QuantoConfig(weights_dtype="int8", activations_dtype="float8")
+    ours = get_backend("quanto").quantize("layer", make_linear(SHAPES[0], 3), config, CPU)
+    theirs = quantize_module(make_linear(SHAPES[0], 3), weights="qint8", activations="qfloat8")
+    theirs.freeze()
+    assert ours.weight.activation_qtype is theirs.weight.activation_qtype
+    assert_same_state(ours, theirs)
+    inputs = torch.randn(3, SHAPES[0][1], dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(ours(inputs), theirs(inputs))
