@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -83,16 +84,13 @@ def checkpoint_folder() -> Path:
 
 def largest_layer_nbytes(folder: Path) -> int:
     """Full-precision bytes of the largest module, from the safetensors headers."""
-    from pipequant.checkpoint import ComponentCheckpoint
+    from pipequant.checkpoint import SAFETENSORS_DTYPES, ComponentCheckpoint
 
     checkpoint = ComponentCheckpoint(folder)
     per_module: dict[str, int] = defaultdict(int)
-    element_bytes = {"BF16": 2, "F16": 2, "F32": 4}
     for key in checkpoint.keys():
-        count = 1
-        for dim in checkpoint.shape(key):
-            count *= dim
-        per_module[key.rpartition(".")[0]] += count * element_bytes[checkpoint.dtype(key)]
+        itemsize = SAFETENSORS_DTYPES[checkpoint.dtype(key)].itemsize
+        per_module[key.rpartition(".")[0]] += math.prod(checkpoint.shape(key)) * itemsize
     return max(per_module.values())
 
 

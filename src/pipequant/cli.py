@@ -17,7 +17,6 @@ app = typer.Typer(help="Load diffusion pipelines and quantize their components w
 # Wide enough for the tables when output is not a terminal (CI logs, pipes).
 console = Console(width=None if Console().is_terminal else 200)
 
-_SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 @app.command()
@@ -37,7 +36,7 @@ def inspect(
     """
     from torch import nn
 
-    from .checkpoint import ComponentCheckpoint
+    from .checkpoint import SAFETENSORS_DTYPES, ComponentCheckpoint
     from .loading import read_pipeline_index, resolve_pipeline_folder
 
     index = read_pipeline_index(resolve_pipeline_folder(path))
@@ -62,7 +61,7 @@ def inspect(
             dtype = checkpoint.dtype(key)
             dtypes[dtype] += count
             elements += count
-            nbytes += count * _SAFETENSORS_DTYPE_BYTES.get(dtype, 1)
+            nbytes += count * (SAFETENSORS_DTYPES[dtype].itemsize if dtype in SAFETENSORS_DTYPES else 1)
         total += nbytes
         table.add_row(
             name, f"{entry[0]}.{entry[1]}", str(len(checkpoint.keys())), f"{elements / 1e6:.2f} M",

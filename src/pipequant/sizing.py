@@ -27,6 +27,7 @@ from .report import ComponentMemory
 from .restoring import stored_quantization_config
 from .streaming import build_empty_model, match_keys
 
+
 def estimate(
     path: str | Path,
     config: PipelineQuantizationConfig | None = None,

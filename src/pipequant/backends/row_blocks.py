@@ -21,16 +21,15 @@ import torch
 #: libraries (smaller blocks pay torchao's per-call Python cost, larger ones leave the caches)
 BLOCK_ELEMENTS = 1 << 20
 
-
-class NotRowSeparable(ValueError):
-    """The quantizer's output for a block of rows is not one row per row (a per-tensor scale,
-    a packing across rows): the weight has to be quantized whole."""
-
-
 #: elements per block on a GPU: no cache to fit, but whole-weight temporaries (several float32
 #: copies of the largest layer) would count against the GPU peak; few blocks keep the per-call
 #: Python cost small (torchao's `quantize_` takes about half a millisecond). Not yet timed on a GPU.
 GPU_BLOCK_ELEMENTS = 1 << 24
+
+
+class NotRowSeparable(ValueError):
+    """The quantizer's output for a block of rows is not one row per row (a per-tensor scale,
+    a packing across rows): the weight has to be quantized whole."""
 
 
 def rows_per_block(weight: torch.Tensor, device: torch.device) -> int:

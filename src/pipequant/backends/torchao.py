@@ -357,7 +357,7 @@ def _quantize_by_rows(module: nn.Linear, config: TorchAoConfig, device: torch.de
     """
     from torchao.utils import TorchAOBaseTensor
 
-    blocks: list[nn.Module] = []  # the first block's layer
+    first: list[tuple[nn.Module, list[str], dict]] = []  # the first block's layer, inner tensor names, attributes
 
     def quantize_rows(rows: torch.Tensor) -> list[torch.Tensor]:
         layer = _quantize_layer(rows, None, config, device)
@@ -368,15 +368,14 @@ def _quantize_by_rows(module: nn.Linear, config: TorchAoConfig, device: torch.de
         block_size = attributes.get("block_size") if isinstance(attributes, dict) else None
         if block_size is None or block_size[0] != 1:
             raise row_blocks.NotRowSeparable(f"{type(weight).__name__} has blocks of {block_size}")
-        if not blocks:
-            blocks.append(layer)
-        elif attributes != blocks[0].weight.__tensor_flatten__()[1]:
+        if not first:
+            first.append((layer, names, attributes))
+        elif attributes != first[0][2]:
             raise row_blocks.NotRowSeparable("blocks of rows quantized with different attributes")
         return [getattr(weight, name) for name in names]
 
     inner = row_blocks.quantize_by_rows(module.weight.detach(), quantize_rows, device)
-    layer = blocks[0]  # keeps whatever torchao set on the layer besides its weight
-    names, attributes = layer.weight.__tensor_flatten__()
+    layer, names, attributes = first[0]  # the layer keeps whatever torchao set on it besides its weight
     weight = type(layer.weight).__tensor_unflatten__(
         dict(zip(names, inner)), attributes, module.weight.shape, module.weight.stride()
     )
