@@ -153,6 +153,7 @@ def _weight_by_rows(layer: nn.Module) -> torch.Tensor:
 
     quanto's scales (and shifts) are per row, or per group within a row below 8 bits, so blocks of
     rows are independent; the sub-8-bit packing, which mixes rows, runs once on the whole.
+    int8 on CPU takes our compiled kernel instead (`int8_rows`), checked against quanto on two rows.
     """
     from optimum.quanto.tensor.weights import WeightQBitsTensor, WeightQBytesTensor
 
@@ -164,7 +165,8 @@ def _weight_by_rows(layer: nn.Module) -> torch.Tensor:
             scale = layer.optimizer(rows, qtype=qtype, axis=0)
             return torch.ops.quanto.quantize_symmetric(rows, dtype=qtype.dtype, axis=0, scale=scale), scale
 
-        data, scale = row_blocks.quantize_by_rows(weight, quantize_rows, weight.device)
+        fused = _int8_rows(weight, qtype, quantize_rows)
+        data, scale = fused or row_blocks.quantize_by_rows(weight, quantize_rows, weight.device)
         return WeightQBytesTensor.create(
             qtype, 0, size=weight.size(), stride=weight.stride(), data=data, scale=scale, activation_qtype=layer.activation_qtype
         )
@@ -180,6 +182,19 @@ def _weight_by_rows(layer: nn.Module) -> torch.Tensor:
     return WeightQBitsTensor.create(
         qtype, 0, group_size, weight.size(), weight.stride(), data.view(-1, group), scale.view(-1, 1), shift.view(-1, 1)
     )
+
+
+def _int8_rows(weight: torch.Tensor, qtype, quantize_rows) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """An int8 weight by our compiled kernel (`int8_rows`), if it gives quanto's own bytes on the first two rows."""
+    if qtype.dtype != torch.int8 or weight.device.type != "cpu":
+        return None
+    from . import int8_rows  # numba: imported when first needed, not with pipequant
+
+    with int8_rows.torch_on_one_thread():
+        theirs = quantize_rows(weight[:2])
+    if not int8_rows.agrees(int8_rows.quanto_int8_rows(weight[:2]), theirs, "optimum-quanto"):
+        return None
+    return int8_rows.quanto_int8_rows(weight)
 
 
 def quanto_group_size(in_features: int) -> int | None:

@@ -355,27 +355,77 @@ def _quantize_by_rows(module: nn.Linear, config: TorchAoConfig, device: torch.de
     plain `nn.Linear` holding a torchao tensor whose quantization blocks are single rows
     (``block_size[0] == 1``) with every inner tensor one row per weight row.
     """
-    from torchao.utils import TorchAOBaseTensor
-
     first: list[tuple[nn.Module, list[str], dict]] = []  # the first block's layer, inner tensor names, attributes
 
     def quantize_rows(rows: torch.Tensor) -> list[torch.Tensor]:
-        layer = _quantize_layer(rows, None, config, device)
-        weight = layer.weight
-        if type(layer) is not nn.Linear or not isinstance(weight, TorchAOBaseTensor):
-            raise row_blocks.NotRowSeparable(f"torchao made a {type(layer).__name__} holding a {type(weight).__name__}")
-        names, attributes = weight.__tensor_flatten__()
-        block_size = attributes.get("block_size") if isinstance(attributes, dict) else None
-        if block_size is None or block_size[0] != 1:
-            raise row_blocks.NotRowSeparable(f"{type(weight).__name__} has blocks of {block_size}")
+        layer, names, attributes = _row_template(rows, config, device)
         if not first:
             first.append((layer, names, attributes))
         elif attributes != first[0][2]:
             raise row_blocks.NotRowSeparable("blocks of rows quantized with different attributes")
-        return [getattr(weight, name) for name in names]
+        return [getattr(layer.weight, name) for name in names]
 
     inner = row_blocks.quantize_by_rows(module.weight.detach(), quantize_rows, device)
-    layer, names, attributes = first[0]  # the layer keeps whatever torchao set on it besides its weight
+    return _assemble(*first[0], inner, module, device)
+
+
+def _quantize_int8_rows(module: nn.Linear, config: TorchAoConfig, device: torch.device) -> nn.Module | None:
+    """torchao's per-row int8 tensor (int8wo, int8dq) computed by `int8_rows` in one compiled pass.
+
+    torchao quantizes the first two rows itself: that gives the layer and the tensor's attributes,
+    and checks that our kernel gives the same bytes with this torchao version and config. None
+    (use torchao) where the format is not plain per-row symmetric int8, or the check fails.
+    """
+    from torchao.quantization import Int8Tensor
+
+    from . import int8_rows  # numba: imported when first needed, not with pipequant
+
+    weight = module.weight.detach()
+    if device.type != "cpu" or weight.shape[0] < 2:
+        return None
+    try:
+        with int8_rows.torch_on_one_thread():
+            layer, names, attributes = _row_template(weight[:2], config, device)
+    except row_blocks.NotRowSeparable:
+        return None
+    template = layer.weight
+    plain_int8 = (
+        type(template) is Int8Tensor
+        and names == ["qdata", "scale", "zero_point"]
+        and list(attributes.get("block_size", ())) == [1, weight.shape[1]]
+        and not attributes.get("reduce_range")
+        and not template.zero_point.any()
+    )
+    if not plain_int8 or not int8_rows.agrees(int8_rows.torchao_int8_rows(weight[:2]), (template.qdata, template.scale), "torchao"):
+        return None
+    fused = int8_rows.torchao_int8_rows(weight)
+    assert fused is not None
+    data, scale = fused
+    zero_point = torch.zeros(scale.shape, dtype=template.zero_point.dtype)
+    return _assemble(layer, names, attributes, [data, scale, zero_point], module, device)
+
+
+def _row_template(rows: torch.Tensor, config: TorchAoConfig, device: torch.device) -> tuple[nn.Module, list[str], dict]:
+    """torchao's layer for `rows`, with its weight's inner tensor names and attributes; raises
+    `row_blocks.NotRowSeparable` unless that weight is quantized in blocks of single rows."""
+    from torchao.utils import TorchAOBaseTensor
+
+    layer = _quantize_layer(rows, None, config, device)
+    weight = layer.weight
+    if type(layer) is not nn.Linear or not isinstance(weight, TorchAOBaseTensor):
+        raise row_blocks.NotRowSeparable(f"torchao made a {type(layer).__name__} holding a {type(weight).__name__}")
+    names, attributes = weight.__tensor_flatten__()
+    block_size = attributes.get("block_size") if isinstance(attributes, dict) else None
+    if block_size is None or block_size[0] != 1:
+        raise row_blocks.NotRowSeparable(f"{type(weight).__name__} has blocks of {block_size}")
+    return layer, names, attributes
+
+
+def _assemble(
+    layer: nn.Module, names: list[str], attributes: dict, inner: list[torch.Tensor], module: nn.Linear, device: torch.device
+) -> nn.Module:
+    """`layer` (torchao's, for some of the rows; it keeps whatever torchao set on it) holding the
+    torchao tensor made of `inner`, for the whole of `module`'s weight, and `module`'s bias."""
     weight = type(layer.weight).__tensor_unflatten__(
         dict(zip(names, inner)), attributes, module.weight.shape, module.weight.stride()
     )
@@ -416,12 +466,16 @@ class TorchAoBackend(Backend):
                 )
 
     def quantize(self, module_name: str, module: nn.Module, config: BackendConfig, device: torch.device) -> nn.Module:
-        """torchao's `quantize_` on the layer, a block of rows at a time where the format is per row.
+        """torchao's `quantize_` on the layer, a block of rows at a time where the format is per row;
+        per-row int8 by our compiled kernel (`int8_rows`), checked against torchao on two rows.
 
         Blocks of rows give the same tensors as one call on the whole weight, several times faster
         (see `row_blocks`); formats with a per-tensor scale or a packing across rows take the whole.
         """
         assert isinstance(config, TorchAoConfig) and isinstance(module, nn.Linear)
+        layer = _quantize_int8_rows(module, config, device)
+        if layer is not None:
+            return layer
         if row_blocks.rows_per_block(module.weight, device) < module.out_features:
             try:
                 return _quantize_by_rows(module, config, device)

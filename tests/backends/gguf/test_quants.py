@@ -224,3 +224,34 @@ def test_bad_row_length() -> None:
         dequantize(torch.zeros(34, dtype=torch.uint8), "Q8_0", (1, 48))
     with pytest.raises(ValueError, match="144 uint8 bytes"):
         dequantize(torch.zeros(100, dtype=torch.uint8), "Q4_K", (1, 256))
+
+
+def _awkward_rows() -> torch.Tensor:
+    """Gaussian rows of several magnitudes, and blocks at the edges of the K-quant searches."""
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(24, 1024, generator=generator) * torch.rand(24, 1, generator=generator) * 0.05
+    x[0] = 0.0  # every scale zero
+    x[1] = 1.0  # max == min in every sub-block
+    x[2, :256] = 1e-20  # below GROUP_MAX_EPS
+    x[3, :256] = torch.arange(256) - 128.0  # evenly spaced levels, ties
+    x[4] *= 1e4
+    x[5, 17] = 50.0  # one outlier
+    x[6, ::2] = 0.0
+    x[7] = -x[7].abs()  # one sign only
+    x[8] = x[8].abs()
+    x[9, :16] = 0.3
+    return x
+
+
+@pytest.mark.parametrize("name", K_TYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_compiled_kquants_match_the_torch_code(name: str, dtype: torch.dtype) -> None:
+    """On CPU the K-quants are quantized by the compiled kernel; the torch code (the path on
+    other devices) must give the same bytes, for every source dtype the kernel reads."""
+    from pipequant.backends.gguf import kquants
+
+    assert kquants._kquants is not None, "the compiled K-quant module was not built"
+    codec = resolve(name)
+    x = _awkward_rows().to(dtype)
+    torch_code = super(kquants._KQuant, codec).quantize_rows(x)
+    assert torch.equal(codec.quantize_rows(x), torch_code)

@@ -195,7 +195,7 @@ def _serial_cpu(device: torch.device) -> Iterator[None]:
 _NUMPY_DTYPES = {torch.uint8: np.uint8, torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.int16}
 
 
-def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def result_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A result buffer. On CPU numpy allocates it: numpy asks the kernel for transparent huge
     pages on large arrays and torch does not, so filling a fresh 36 MB output takes far fewer
     page faults (measured: dequantization 1.3-1.8x faster on a 3072x3072 tensor)."""
@@ -243,7 +243,7 @@ class GGMLQuant(ABC):
     @classmethod
     def quantize_rows(cls, rows: torch.Tensor) -> torch.Tensor:
         """``(r, k)`` floats -> ``(r, k // block_size * type_size)`` uint8."""
-        out = _empty((rows.numel() // cls.block_size, cls.type_size), torch.uint8, rows.device)
+        out = result_buffer((rows.numel() // cls.block_size, cls.type_size), torch.uint8, rows.device)
         step = cls.quantize_chunk
         with _serial_cpu(rows.device):
             blocks = rows.reshape(-1, cls.block_size)
@@ -255,7 +255,7 @@ class GGMLQuant(ABC):
     def dequantize_rows(cls, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Flat uint8 -> flat ``dtype`` weights."""
         blocks = raw.view(-1, cls.type_size)
-        out = _empty((blocks.shape[0], cls.block_size), dtype, raw.device)
+        out = result_buffer((blocks.shape[0], cls.block_size), dtype, raw.device)
         step = cls.dequantize_chunk
         with _serial_cpu(raw.device):
             for start in range(0, blocks.shape[0], step):

@@ -1,0 +1,168 @@
+/* Per-row symmetric int8 quantization in one pass, with quanto's and torchao's exact arithmetic.
+ *
+ * Used by pipequant/backends/int8_rows.py, which documents why and checks the bytes. Each function
+ * takes raw pointers to contiguous CPU buffers (a torch tensor's data_ptr()), a row-major weight of
+ * `rows` x `columns` in bfloat16 (dtype 16) or float32 (dtype 32), and a thread count; it releases
+ * the GIL and splits the rows between threads (parallel.h).
+ *
+ * Floats are handled through their bit patterns where that is exact: a bf16 value is the top half
+ * of a float32, and non-negative floats order like their bits, so a row's absolute maximum is an
+ * integer maximum (a NaN compares above inf and so propagates, as torch's amax does).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "parallel.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+/* rintf and the float-to-int conversions vectorize only from SSE4.1; the loader picks the best copy */
+#define ROW_KERNEL __attribute__((target_clones("arch=x86-64-v4", "avx2", "sse4.1", "default")))
+#else
+#define ROW_KERNEL
+#endif
+
+static inline float from_bits(uint32_t bits) {
+    float value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+static inline uint32_t to_bits(float value) {
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    return bits;
+}
+
+/* the float rounded to the nearest bfloat16, ties to even, as torch rounds a bf16 result. No NaN
+ * case: the NaNs arithmetic makes here are quiet (bit 22 set), so they stay NaN or become -0, and
+ * to_int8 sends both to 0, as torch does with the NaN. */
+static inline float round_to_bf16(float value) {
+    uint32_t bits = to_bits(value);
+    bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
+    return from_bits(bits);
+}
+
+/* round half to even, clamp to [-128, 127]; NaN becomes 0, as torch's cast of a NaN does here */
+static inline int8_t to_int8(float value) {
+    float rounded = rintf(value);
+    float clamped = rounded < -128.0f ? -128.0f : (rounded > 127.0f ? 127.0f : rounded);
+    return value == value ? (int8_t)(int32_t)clamped : 0;
+}
+
+enum library { QUANTO, TORCHAO };
+
+typedef struct {
+    enum library library;
+    const void *weight;
+    int bf16;
+    int64_t columns;
+    int8_t *data;
+    void *scale;
+} job;
+
+/* --- one row, for each weight dtype. quanto: scale = absmax / 127 and data = round(weight / scale),
+ * each rounded to the weight's dtype. torchao: scale = max(absmax / 127.5 in the weight's dtype, 2^-23)
+ * kept in float32, and data = round(weight * (1 / scale)) in float32. */
+
+ROW_KERNEL static void bf16_row(enum library library, const uint16_t *row, int64_t columns, int8_t *data, void *scale_out,
+                                int64_t index) {
+    uint16_t largest = 0;
+    for (int64_t c = 0; c < columns; c++) {
+        uint16_t magnitude = row[c] & 0x7FFFu;
+        largest = magnitude > largest ? magnitude : largest;
+    }
+    float absmax = from_bits((uint32_t)largest << 16);
+    if (library == QUANTO) {
+        float scale = round_to_bf16(absmax / 127.0f);
+        ((uint16_t *)scale_out)[index] = (uint16_t)(to_bits(scale) >> 16);
+        for (int64_t c = 0; c < columns; c++) {
+            data[c] = to_int8(round_to_bf16(from_bits((uint32_t)row[c] << 16) / scale));
+        }
+    } else {
+        float scale = round_to_bf16(absmax / 127.5f);
+        if (scale < 0x1p-23f) scale = 0x1p-23f; /* torch.clamp keeps a NaN, as this comparison does */
+        ((float *)scale_out)[index] = scale;
+        float inverse = 1.0f / scale;
+        for (int64_t c = 0; c < columns; c++) {
+            data[c] = to_int8(from_bits((uint32_t)row[c] << 16) * inverse);
+        }
+    }
+}
+
+ROW_KERNEL static void float32_row(enum library library, const uint32_t *row, int64_t columns, int8_t *data,
+                                   void *scale_out, int64_t index) {
+    uint32_t largest = 0;
+    for (int64_t c = 0; c < columns; c++) {
+        uint32_t magnitude = row[c] & 0x7FFFFFFFu;
+        largest = magnitude > largest ? magnitude : largest;
+    }
+    float absmax = from_bits(largest);
+    if (library == QUANTO) {
+        float scale = absmax / 127.0f;
+        ((float *)scale_out)[index] = scale;
+        for (int64_t c = 0; c < columns; c++) data[c] = to_int8(from_bits(row[c]) / scale);
+    } else {
+        float scale = absmax / 127.5f;
+        if (scale < 0x1p-23f) scale = 0x1p-23f;
+        ((float *)scale_out)[index] = scale;
+        float inverse = 1.0f / scale;
+        for (int64_t c = 0; c < columns; c++) data[c] = to_int8(from_bits(row[c]) * inverse);
+    }
+}
+
+static void run_rows(void *context, int64_t first_row, int64_t end_row) {
+    const job *work = context;
+    for (int64_t r = first_row; r < end_row; r++) {
+        int8_t *data = work->data + r * work->columns;
+        if (work->bf16) {
+            bf16_row(work->library, (const uint16_t *)work->weight + r * work->columns, work->columns, data, work->scale, r);
+        } else {
+            float32_row(work->library, (const uint32_t *)work->weight + r * work->columns, work->columns, data, work->scale, r);
+        }
+    }
+}
+
+static PyObject *quantize(enum library library, PyObject *args) {
+    unsigned long long weight, data, scale;
+    Py_ssize_t rows, columns;
+    int dtype_bits, threads;
+    if (!PyArg_ParseTuple(args, "KinnKKi", &weight, &dtype_bits, &rows, &columns, &data, &scale, &threads)) return NULL;
+    if (dtype_bits != 16 && dtype_bits != 32) {
+        PyErr_SetString(PyExc_ValueError, "the weight must be bfloat16 (16) or float32 (32)");
+        return NULL;
+    }
+    job work = {library, (const void *)(uintptr_t)weight, dtype_bits == 16, columns, (int8_t *)(uintptr_t)data,
+                (void *)(uintptr_t)scale};
+    Py_BEGIN_ALLOW_THREADS
+    run_parallel(run_rows, &work, rows, threads);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *quanto_int8(PyObject *self, PyObject *args) {
+    (void)self;
+    return quantize(QUANTO, args);
+}
+
+static PyObject *torchao_int8(PyObject *self, PyObject *args) {
+    (void)self;
+    return quantize(TORCHAO, args);
+}
+
+static PyMethodDef methods[] = {
+    {"quanto_int8", quanto_int8, METH_VARARGS,
+     "quanto_int8(weight_ptr, dtype_bits, rows, columns, data_ptr, scale_ptr, threads): quanto's int8 rows"},
+    {"torchao_int8", torchao_int8, METH_VARARGS,
+     "torchao_int8(weight_ptr, dtype_bits, rows, columns, data_ptr, scale_ptr, threads): torchao's int8 rows"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_int8_rows", "Per-row int8 quantization kernels.", -1, methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__int8_rows(void) { return PyModule_Create(&module); }

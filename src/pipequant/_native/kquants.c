@@ -1,0 +1,563 @@
+/* GGML K-quant quantizers (Q2_K..Q6_K), following llama.cpp's reference algorithm
+ * (ggml-quants.c: quantize_row_qN_K_ref with make_qkx2_quants, make_q3_quants, make_qx_quants).
+ *
+ * Used by pipequant/backends/gguf/kquants.py, which keeps the torch version of the same algorithm
+ * for other devices and explains the block layouts. Written as plain scalar C in the reference's
+ * order of float operations, so the bytes are llama.cpp's; built with -ffp-contract=off (no fused
+ * multiply-adds) like llama.cpp's x86-64 reference. The work is split by superblocks of 256 weights
+ * between threads (parallel.h).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "parallel.h"
+
+#define QK_K 256
+#define GROUP_MAX_EPS 1e-15f
+
+/* GGML type numbers, as gguf's GGMLQuantizationType */
+enum { Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
+
+/* bytes per superblock, in gguf-py's layouts */
+enum { Q2_K_BYTES = 84, Q3_K_BYTES = 110, Q4_K_BYTES = 144, Q5_K_BYTES = 176, Q6_K_BYTES = 210 };
+
+static inline float from_bits(uint32_t bits) {
+    float value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+static inline uint32_t to_bits(float value) {
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    return bits;
+}
+
+static inline int max_int(int a, int b) { return a > b ? a : b; }
+static inline int min_int(int a, int b) { return a < b ? a : b; }
+
+/* llama.cpp's nearest_int: round half to even through the float's mantissa (exact for |x| < 2^22) */
+static inline int nearest_int(float value) {
+    float shifted = value + 12582912.0f;
+    int32_t bits;
+    memcpy(&bits, &shifted, sizeof bits);
+    return (bits & 0x007FFFFF) - 0x00400000;
+}
+
+/* float -> IEEE half, round to nearest even (subnormals, overflow to inf, NaN kept a NaN) */
+static uint16_t half_from_float(float value) {
+    uint32_t bits = to_bits(value);
+    uint16_t sign = (uint16_t)((bits >> 16) & 0x8000u);
+    bits &= 0x7FFFFFFFu;
+    if (bits >= 0x47800000u) return sign | (bits > 0x7F800000u ? 0x7E00u : 0x7C00u); /* >= 65536, inf, NaN */
+    if (bits < 0x38800000u) { /* below the smallest normal half: adding 0.5 lines the half's bits up, rounded */
+        return sign | (uint16_t)(to_bits(from_bits(bits) + 0.5f) - 0x3F000000u);
+    }
+    uint32_t odd = (bits >> 13) & 1u;
+    bits += 0xC8000FFFu + odd; /* exponent rebias by -112, plus rounding */
+    return sign | (uint16_t)(bits >> 13);
+}
+
+static float half_to_float(uint16_t half) {
+    uint32_t sign = (uint32_t)(half & 0x8000u) << 16;
+    uint32_t exponent = (half >> 10) & 0x1Fu;
+    uint32_t mantissa = half & 0x3FFu;
+    if (exponent == 0x1F) return from_bits(sign | 0x7F800000u | (mantissa << 13));
+    if (exponent == 0) { /* zero or subnormal: mantissa * 2^-24, exact */
+        float magnitude = (float)mantissa * 0x1p-24f;
+        return sign ? -magnitude : magnitude;
+    }
+    return from_bits(sign | ((exponent + 112) << 23) | (mantissa << 13));
+}
+
+static inline void store_half(uint8_t *out, float value) {
+    uint16_t half = half_from_float(value);
+    out[0] = (uint8_t)(half & 0xFF);
+    out[1] = (uint8_t)(half >> 8);
+}
+
+static inline float load_half(const uint8_t *in) { return half_to_float((uint16_t)(in[0] | (in[1] << 8))); }
+
+/* --- the searches for one sub-block's scale (and min) --- */
+
+static float make_qkx2_quants(int n, int nmax, const float *x, const float *weights, uint8_t *L, float *the_min,
+                              uint8_t *Laux, float rmin, float rdelta, int nstep, int use_mad) {
+    float min = x[0];
+    float max = x[0];
+    float sum_w = weights[0];
+    float sum_x = sum_w * x[0];
+    for (int i = 1; i < n; ++i) {
+        if (x[i] < min) min = x[i];
+        if (x[i] > max) max = x[i];
+        float w = weights[i];
+        sum_w += w;
+        sum_x += w * x[i];
+    }
+    if (min > 0) min = 0;
+    if (max == min) {
+        for (int i = 0; i < n; ++i) L[i] = 0;
+        *the_min = -min;
+        return 0.f;
+    }
+    float iscale = nmax / (max - min);
+    float scale = 1 / iscale;
+    float best_error = 0;
+    for (int i = 0; i < n; ++i) {
+        int l = nearest_int(iscale * (x[i] - min));
+        L[i] = (uint8_t)max_int(0, min_int(nmax, l));
+        float diff = scale * L[i] + min - x[i];
+        diff = use_mad ? fabsf(diff) : diff * diff;
+        float w = weights[i];
+        best_error += w * diff;
+    }
+    for (int is = 0; is <= nstep; ++is) {
+        iscale = (rmin + rdelta * is + nmax) / (max - min);
+        float sum_l = 0, sum_l2 = 0, sum_xl = 0;
+        for (int i = 0; i < n; ++i) {
+            int l = nearest_int(iscale * (x[i] - min));
+            l = max_int(0, min_int(nmax, l));
+            Laux[i] = (uint8_t)l;
+            float w = weights[i];
+            sum_l += w * l;
+            sum_l2 += w * l * l;
+            sum_xl += w * l * x[i];
+        }
+        float D = sum_w * sum_l2 - sum_l * sum_l;
+        if (D > 0) {
+            float this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
+            float this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
+            if (this_min > 0) {
+                this_min = 0;
+                this_scale = sum_xl / sum_l2;
+            }
+            float cur_error = 0;
+            for (int i = 0; i < n; ++i) {
+                float diff = this_scale * Laux[i] + this_min - x[i];
+                diff = use_mad ? fabsf(diff) : diff * diff;
+                float w = weights[i];
+                cur_error += w * diff;
+            }
+            if (cur_error < best_error) {
+                memcpy(L, Laux, (size_t)n);
+                best_error = cur_error;
+                scale = this_scale;
+                min = this_min;
+            }
+        }
+    }
+    *the_min = -min;
+    return scale;
+}
+
+/* the value of largest magnitude (the first one on ties), and that magnitude */
+static float signed_absmax(int n, const float *x, float *magnitude) {
+    float max = 0, amax = 0;
+    for (int i = 0; i < n; ++i) {
+        float ax = fabsf(x[i]);
+        if (ax > amax) {
+            amax = ax;
+            max = x[i];
+        }
+    }
+    *magnitude = amax;
+    return max;
+}
+
+/* make_q3_quants with do_rmse: levels in 0..2*nmax-1 */
+static float make_q3_quants(int n, int nmax, const float *x, int8_t *L) {
+    float amax;
+    float max = signed_absmax(n, x, &amax);
+    if (amax < GROUP_MAX_EPS) {
+        for (int i = 0; i < n; ++i) L[i] = 0;
+        return 0.f;
+    }
+    float iscale = -nmax / max;
+    float sumlx = 0, suml2 = 0;
+    for (int i = 0; i < n; ++i) {
+        int l = nearest_int(iscale * x[i]);
+        l = max_int(-nmax, min_int(nmax - 1, l));
+        L[i] = (int8_t)l;
+        float w = x[i] * x[i];
+        sumlx += w * x[i] * l;
+        suml2 += w * l * l;
+    }
+    for (int itry = 0; itry < 5; ++itry) {
+        int n_changed = 0;
+        for (int i = 0; i < n; ++i) {
+            float w = x[i] * x[i];
+            float slx = sumlx - w * x[i] * L[i];
+            if (slx > 0) {
+                float sl2 = suml2 - w * L[i] * L[i];
+                int new_l = nearest_int(x[i] * sl2 / slx);
+                new_l = max_int(-nmax, min_int(nmax - 1, new_l));
+                if (new_l != L[i]) {
+                    slx += w * x[i] * new_l;
+                    sl2 += w * new_l * new_l;
+                    if (sl2 > 0 && slx * slx * suml2 > sumlx * sumlx * sl2) {
+                        L[i] = (int8_t)new_l;
+                        sumlx = slx;
+                        suml2 = sl2;
+                        ++n_changed;
+                    }
+                }
+            }
+        }
+        if (!n_changed) break;
+    }
+    for (int i = 0; i < n; ++i) L[i] = (int8_t)(L[i] + nmax);
+    return suml2 > 0 ? sumlx / suml2 : 0.f;
+}
+
+/* make_qx_quants with rmse_type 1 and no importance weights: levels in 0..2*nmax-1 */
+static float make_qx_quants(int n, int nmax, const float *x, int8_t *L) {
+    float amax;
+    float max = signed_absmax(n, x, &amax);
+    if (amax < GROUP_MAX_EPS) {
+        for (int i = 0; i < n; ++i) L[i] = 0;
+        return 0.f;
+    }
+    float iscale = -nmax / max;
+    float sumlx = 0, suml2 = 0;
+    for (int i = 0; i < n; ++i) {
+        int l = nearest_int(iscale * x[i]);
+        l = max_int(-nmax, min_int(nmax - 1, l));
+        L[i] = (int8_t)(l + nmax);
+        float w = x[i] * x[i];
+        sumlx += w * x[i] * l;
+        suml2 += w * l * l;
+    }
+    float scale = suml2 ? sumlx / suml2 : 0.0f;
+    float best = scale * sumlx;
+    for (int is = -9; is <= 9; ++is) {
+        if (is == 0) continue;
+        iscale = -(nmax + 0.1f * is) / max;
+        sumlx = suml2 = 0;
+        for (int i = 0; i < n; ++i) {
+            int l = nearest_int(iscale * x[i]);
+            l = max_int(-nmax, min_int(nmax - 1, l));
+            float w = x[i] * x[i];
+            sumlx += w * x[i] * l;
+            suml2 += w * l * l;
+        }
+        if (suml2 > 0 && sumlx * sumlx > best * suml2) {
+            for (int i = 0; i < n; ++i) {
+                int l = nearest_int(iscale * x[i]);
+                L[i] = (int8_t)(nmax + max_int(-nmax, min_int(nmax - 1, l)));
+            }
+            scale = sumlx / suml2;
+            best = scale * sumlx;
+        }
+    }
+    return scale;
+}
+
+/* --- one superblock of 256 weights each --- */
+
+static void quantize_q2_K(const float *x, uint8_t *out) {
+    uint8_t *scales_out = out, *qs = out + 16, *d_out = out + 80, *dmin_out = out + 82;
+    uint8_t L[QK_K], Laux[16];
+    float weights[16], mins[QK_K / 16], scales[QK_K / 16];
+    const float q4scale = 15.f;
+    float max_scale = 0, max_min = 0;
+    for (int j = 0; j < QK_K / 16; ++j) {
+        for (int l = 0; l < 16; ++l) weights[l] = fabsf(x[16 * j + l]);
+        scales[j] = make_qkx2_quants(16, 3, x + 16 * j, weights, L + 16 * j, &mins[j], Laux, -0.5f, 0.1f, 15, 1);
+        if (scales[j] > max_scale) max_scale = scales[j];
+        if (mins[j] > max_min) max_min = mins[j];
+    }
+    if (max_scale > 0) {
+        float iscale = q4scale / max_scale;
+        for (int j = 0; j < QK_K / 16; ++j) scales_out[j] = (uint8_t)nearest_int(iscale * scales[j]);
+        store_half(d_out, max_scale / q4scale);
+    } else {
+        for (int j = 0; j < QK_K / 16; ++j) scales_out[j] = 0;
+        store_half(d_out, 0.f);
+    }
+    if (max_min > 0) {
+        float iscale = q4scale / max_min;
+        for (int j = 0; j < QK_K / 16; ++j) scales_out[j] |= (uint8_t)(nearest_int(iscale * mins[j]) << 4);
+        store_half(dmin_out, max_min / q4scale);
+    } else {
+        store_half(dmin_out, 0.f);
+    }
+    for (int j = 0; j < QK_K / 16; ++j) {
+        const float d = load_half(d_out) * (scales_out[j] & 0xF);
+        if (!d) continue;
+        const float dm = load_half(dmin_out) * (scales_out[j] >> 4);
+        for (int ii = 0; ii < 16; ++ii) {
+            int l = nearest_int((x[16 * j + ii] + dm) / d);
+            L[16 * j + ii] = (uint8_t)max_int(0, min_int(3, l));
+        }
+    }
+    for (int j = 0; j < QK_K; j += 128) {
+        for (int l = 0; l < 32; ++l) {
+            qs[j / 4 + l] = (uint8_t)(L[j + l] | (L[j + l + 32] << 2) | (L[j + l + 64] << 4) | (L[j + l + 96] << 6));
+        }
+    }
+}
+
+static void quantize_q3_K(const float *x, uint8_t *out) {
+    uint8_t *hmask = out, *qs = out + 32, *scales_out = out + 96, *d_out = out + 108;
+    int8_t L[QK_K];
+    float scales[QK_K / 16];
+    float max_scale = 0, amax = 0;
+    for (int j = 0; j < QK_K / 16; ++j) {
+        scales[j] = make_q3_quants(16, 4, x + 16 * j, L + 16 * j);
+        float scale = fabsf(scales[j]);
+        if (scale > amax) {
+            amax = scale;
+            max_scale = scales[j];
+        }
+    }
+    memset(scales_out, 0, 12);
+    if (max_scale) {
+        float iscale = -32.f / max_scale;
+        for (int j = 0; j < QK_K / 16; ++j) {
+            int8_t l = (int8_t)nearest_int(iscale * scales[j]);
+            l = (int8_t)(max_int(-32, min_int(31, l)) + 32);
+            if (j < 8) {
+                scales_out[j] = l & 0xF;
+            } else {
+                scales_out[j - 8] |= (uint8_t)((l & 0xF) << 4);
+            }
+            l >>= 4;
+            scales_out[j % 4 + 8] |= (uint8_t)(l << (2 * (j / 4)));
+        }
+        store_half(d_out, 1 / iscale);
+    } else {
+        store_half(d_out, 0.f);
+    }
+    for (int j = 0; j < QK_K / 16; ++j) {
+        int8_t sc = (int8_t)(j < 8 ? scales_out[j] & 0xF : scales_out[j - 8] >> 4);
+        sc = (int8_t)((sc | (((scales_out[8 + j % 4] >> (2 * (j / 4))) & 3) << 4)) - 32);
+        float d = load_half(d_out) * sc;
+        if (!d) continue;
+        for (int ii = 0; ii < 16; ++ii) {
+            int l = nearest_int(x[16 * j + ii] / d);
+            L[16 * j + ii] = (int8_t)(max_int(-4, min_int(3, l)) + 4);
+        }
+    }
+    memset(hmask, 0, QK_K / 8);
+    int m = 0;
+    uint8_t hm = 1;
+    for (int j = 0; j < QK_K; ++j) {
+        if (L[j] > 3) {
+            hmask[m] |= hm;
+            L[j] -= 4;
+        }
+        if (++m == QK_K / 8) {
+            m = 0;
+            hm <<= 1;
+        }
+    }
+    for (int j = 0; j < QK_K; j += 128) {
+        for (int l = 0; l < 32; ++l) {
+            qs[j / 4 + l] = (uint8_t)(L[j + l] | (L[j + l + 32] << 2) | (L[j + l + 64] << 4) | (L[j + l + 96] << 6));
+        }
+    }
+}
+
+/* Q4_K and Q5_K: 8 sub-blocks of 32, 6-bit scales and mins packed in 12 bytes; returns the levels in L */
+static void quantize_k4_header(const float *x, uint8_t *out, uint8_t *L, int nmax, float rmin, int nstep) {
+    uint8_t *scales_out = out + 4;
+    uint8_t Laux[32];
+    float weights[32], mins[QK_K / 32], scales[QK_K / 32];
+    float max_scale = 0, max_min = 0;
+    for (int j = 0; j < QK_K / 32; ++j) {
+        float sum_x2 = 0;
+        for (int l = 0; l < 32; ++l) sum_x2 += x[32 * j + l] * x[32 * j + l];
+        float av_x = sqrtf(sum_x2 / 32);
+        for (int l = 0; l < 32; ++l) weights[l] = av_x + fabsf(x[32 * j + l]);
+        scales[j] = make_qkx2_quants(32, nmax, x + 32 * j, weights, L + 32 * j, &mins[j], Laux, rmin, 0.1f, nstep, 0);
+        if (scales[j] > max_scale) max_scale = scales[j];
+        if (mins[j] > max_min) max_min = mins[j];
+    }
+    float inv_scale = max_scale > 0 ? 63.f / max_scale : 0.f;
+    float inv_min = max_min > 0 ? 63.f / max_min : 0.f;
+    for (int j = 0; j < QK_K / 32; ++j) {
+        uint8_t ls = (uint8_t)nearest_int(inv_scale * scales[j]);
+        uint8_t lm = (uint8_t)nearest_int(inv_min * mins[j]);
+        ls = ls < 63 ? ls : 63;
+        lm = lm < 63 ? lm : 63;
+        if (j < 4) {
+            scales_out[j] = ls;
+            scales_out[j + 4] = lm;
+        } else {
+            scales_out[j + 4] = (uint8_t)((ls & 0xF) | ((lm & 0xF) << 4));
+            scales_out[j - 4] |= (uint8_t)((ls >> 4) << 6);
+            scales_out[j - 0] |= (uint8_t)((lm >> 4) << 6);
+        }
+    }
+    store_half(out, max_scale / 63.f);
+    store_half(out + 2, max_min / 63.f);
+    for (int j = 0; j < QK_K / 32; ++j) {
+        uint8_t sc, m;
+        if (j < 4) {
+            sc = scales_out[j] & 63;
+            m = scales_out[j + 4] & 63;
+        } else {
+            sc = (uint8_t)((scales_out[j + 4] & 0xF) | ((scales_out[j - 4] >> 6) << 4));
+            m = (uint8_t)((scales_out[j + 4] >> 4) | ((scales_out[j - 0] >> 6) << 4));
+        }
+        const float d = load_half(out) * sc;
+        if (!d) continue;
+        const float dm = load_half(out + 2) * m;
+        for (int ii = 0; ii < 32; ++ii) {
+            int l = nearest_int((x[32 * j + ii] + dm) / d);
+            L[32 * j + ii] = (uint8_t)max_int(0, min_int(nmax, l));
+        }
+    }
+}
+
+static void quantize_q4_K(const float *x, uint8_t *out) {
+    uint8_t L[QK_K];
+    quantize_k4_header(x, out, L, 15, -1.f, 20);
+    uint8_t *q = out + 16;
+    for (int j = 0; j < QK_K; j += 64) {
+        for (int l = 0; l < 32; ++l) q[l] = (uint8_t)(L[j + l] | (L[j + l + 32] << 4));
+        q += 32;
+    }
+}
+
+static void quantize_q5_K(const float *x, uint8_t *out) {
+    uint8_t L[QK_K];
+    quantize_k4_header(x, out, L, 31, -0.5f, 15);
+    uint8_t *qh = out + 16, *ql = out + 48;
+    memset(qh, 0, QK_K / 8);
+    uint8_t m1 = 1, m2 = 2;
+    for (int n = 0; n < QK_K; n += 64) {
+        for (int j = 0; j < 32; ++j) {
+            int l1 = L[n + j];
+            if (l1 > 15) {
+                l1 -= 16;
+                qh[j] |= m1;
+            }
+            int l2 = L[n + j + 32];
+            if (l2 > 15) {
+                l2 -= 16;
+                qh[j] |= m2;
+            }
+            ql[j] = (uint8_t)(l1 | (l2 << 4));
+        }
+        m1 <<= 2;
+        m2 <<= 2;
+        ql += 32;
+    }
+}
+
+static void quantize_q6_K(const float *x, uint8_t *out) {
+    uint8_t *ql = out, *qh = out + 128, *scales_out = out + 192, *d_out = out + 208;
+    int8_t L[QK_K];
+    float scales[QK_K / 16];
+    float max_scale = 0, max_abs_scale = 0;
+    for (int ib = 0; ib < QK_K / 16; ++ib) {
+        const float scale = make_qx_quants(16, 32, x + 16 * ib, L + 16 * ib);
+        scales[ib] = scale;
+        const float abs_scale = fabsf(scale);
+        if (abs_scale > max_abs_scale) {
+            max_abs_scale = abs_scale;
+            max_scale = scale;
+        }
+    }
+    if (max_abs_scale < GROUP_MAX_EPS) {
+        memset(out, 0, Q6_K_BYTES);
+        return;
+    }
+    float iscale = -128.f / max_scale;
+    store_half(d_out, 1 / iscale);
+    for (int ib = 0; ib < QK_K / 16; ++ib) scales_out[ib] = (uint8_t)(int8_t)min_int(127, nearest_int(iscale * scales[ib]));
+    for (int j = 0; j < QK_K / 16; ++j) {
+        float d = load_half(d_out) * (int8_t)scales_out[j];
+        if (!d) continue;
+        for (int ii = 0; ii < 16; ++ii) {
+            int l = nearest_int(x[16 * j + ii] / d);
+            L[16 * j + ii] = (int8_t)(max_int(-32, min_int(31, l)) + 32);
+        }
+    }
+    for (int j = 0; j < QK_K; j += 128) {
+        for (int l = 0; l < 32; ++l) {
+            const uint8_t q1 = L[j + l + 0] & 0xF;
+            const uint8_t q2 = L[j + l + 32] & 0xF;
+            const uint8_t q3 = L[j + l + 64] & 0xF;
+            const uint8_t q4 = L[j + l + 96] & 0xF;
+            ql[l + 0] = (uint8_t)(q1 | (q3 << 4));
+            ql[l + 32] = (uint8_t)(q2 | (q4 << 4));
+            qh[l] = (uint8_t)((L[j + l] >> 4) | ((L[j + l + 32] >> 4) << 2) | ((L[j + l + 64] >> 4) << 4) |
+                              ((L[j + l + 96] >> 4) << 6));
+        }
+        ql += 64;
+        qh += 32;
+    }
+}
+
+/* --- blocks of any input dtype, split between threads --- */
+
+enum source_dtype { FLOAT32 = 0, BFLOAT16 = 1, FLOAT16 = 2 };
+
+typedef struct {
+    void (*quantize_block)(const float *, uint8_t *);
+    int block_bytes;
+    const void *source;
+    enum source_dtype dtype;
+    uint8_t *out;
+} job;
+
+static void run_blocks(void *context, int64_t begin, int64_t end) {
+    const job *work = context;
+    float x[QK_K];
+    for (int64_t b = begin; b < end; b++) {
+        const float *block = x;
+        if (work->dtype == FLOAT32) {
+            block = (const float *)work->source + b * QK_K;
+        } else if (work->dtype == BFLOAT16) {
+            const uint16_t *source = (const uint16_t *)work->source + b * QK_K;
+            for (int i = 0; i < QK_K; i++) x[i] = from_bits((uint32_t)source[i] << 16);
+        } else {
+            const uint16_t *source = (const uint16_t *)work->source + b * QK_K;
+            for (int i = 0; i < QK_K; i++) x[i] = half_to_float(source[i]);
+        }
+        work->quantize_block(block, work->out + b * work->block_bytes);
+    }
+}
+
+static PyObject *quantize(PyObject *self, PyObject *args) {
+    (void)self;
+    int type, dtype, threads;
+    unsigned long long source, out;
+    Py_ssize_t blocks;
+    if (!PyArg_ParseTuple(args, "iKinKi", &type, &source, &dtype, &blocks, &out, &threads)) return NULL;
+    job work = {NULL, 0, (const void *)(uintptr_t)source, (enum source_dtype)dtype, (uint8_t *)(uintptr_t)out};
+    switch (type) {
+        case Q2_K: work.quantize_block = quantize_q2_K; work.block_bytes = Q2_K_BYTES; break;
+        case Q3_K: work.quantize_block = quantize_q3_K; work.block_bytes = Q3_K_BYTES; break;
+        case Q4_K: work.quantize_block = quantize_q4_K; work.block_bytes = Q4_K_BYTES; break;
+        case Q5_K: work.quantize_block = quantize_q5_K; work.block_bytes = Q5_K_BYTES; break;
+        case Q6_K: work.quantize_block = quantize_q6_K; work.block_bytes = Q6_K_BYTES; break;
+        default: PyErr_Format(PyExc_ValueError, "GGML type %d is not a K-quant", type); return NULL;
+    }
+    if (dtype < FLOAT32 || dtype > FLOAT16) {
+        PyErr_SetString(PyExc_ValueError, "the source must be float32 (0), bfloat16 (1) or float16 (2)");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    run_parallel(run_blocks, &work, blocks, threads);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"quantize", quantize, METH_VARARGS,
+     "quantize(ggml_type, source_ptr, source_dtype, blocks, out_ptr, threads): superblocks of 256 weights "
+     "(float32 0, bfloat16 1, float16 2) into K-quant blocks"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_kquants", "llama.cpp's K-quant quantizers.", -1, methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__kquants(void) { return PyModule_Create(&module); }

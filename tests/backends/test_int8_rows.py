@@ -1,0 +1,131 @@
+"""The compiled per-row int8 kernels give quanto's and torchao's own bytes, and the backends use them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from optimum.quanto import qint8, quantize_module
+from optimum.quanto.tensor.optimizers import AbsmaxOptimizer
+from torch import nn
+from torchao.quantization import Int8Tensor, Int8WeightOnlyConfig, PerRow, quantize_
+
+from pipequant import QuantoConfig, TorchAoConfig
+from pipequant.backends import get_backend, int8_rows, row_blocks
+
+CPU = torch.device("cpu")
+
+
+def awkward_weight(dtype: torch.dtype, shape: tuple[int, int] = (40, 300)) -> torch.Tensor:
+    """Random rows of several magnitudes, and rows that test the edges of the arithmetic."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(shape, generator=generator) * torch.rand(shape[0], 1, generator=generator) * 0.1
+    weight[1, 7] = 3.0  # one outlier
+    weight[2] = 0.0  # scale 0 (quanto) or eps (torchao)
+    weight[3] = 1e-30  # below torchao's eps
+    weight[4] = -2.5  # the maximum is negative, and every value sits on it
+    weight[5, 3] = float("inf")
+    weight[6, 1] = float("nan")
+    weight[7] = torch.arange(shape[1]) - shape[1] / 2  # values that fall halfway between steps
+    return weight.to(dtype)
+
+
+def quanto_reference(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = AbsmaxOptimizer()(weight, qtype=qint8, axis=0)
+    return torch.ops.quanto.quantize_symmetric(weight, dtype=torch.int8, axis=0, scale=scale), scale
+
+
+def torchao_reference(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    tensor = Int8Tensor.from_hp(weight, PerRow())
+    assert not tensor.zero_point.any()
+    return tensor.qdata, tensor.scale
+
+
+def assert_same(ours: tuple[torch.Tensor, torch.Tensor] | None, theirs: tuple[torch.Tensor, torch.Tensor]) -> None:
+    assert ours is not None
+    assert torch.equal(ours[0], theirs[0])
+    assert ours[1].dtype == theirs[1].dtype and ours[1].shape == theirs[1].shape
+    assert torch.equal(ours[1].nan_to_num(), theirs[1].nan_to_num())  # NaN scales (a NaN row) in the same places
+    assert torch.equal(ours[1].isnan(), theirs[1].isnan())
+
+
+def test_the_kernels_are_built():
+    """The install compiles them; setup.py marks the module optional, so a failed build shows here."""
+    assert int8_rows._int8_rows is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(40, 300), (9, 4096), (64, 8)])
+def test_quanto_bytes(dtype, shape):
+    weight = awkward_weight(dtype, shape)
+    assert_same(int8_rows.quanto_int8_rows(weight), quanto_reference(weight))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(40, 300), (9, 4096), (64, 8)])
+def test_torchao_bytes(dtype, shape):
+    weight = awkward_weight(dtype, shape)
+    assert_same(int8_rows.torchao_int8_rows(weight), torchao_reference(weight))
+
+
+@pytest.mark.parametrize(
+    "weight",
+    [
+        torch.randn(8, 16, dtype=torch.float16),  # its roundings are not written here
+        torch.randn(16, 8, dtype=torch.bfloat16).t(),  # not contiguous
+        torch.randn(16, dtype=torch.bfloat16),  # not a matrix
+    ],
+)
+def test_other_weights_are_left_to_the_library(weight):
+    assert int8_rows.quanto_int8_rows(weight) is None
+    assert int8_rows.torchao_int8_rows(weight) is None
+
+
+def bf16_linear() -> nn.Linear:
+    layer = nn.Linear(300, 40, dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer.weight.copy_(awkward_weight(torch.bfloat16).nan_to_num(posinf=1.0))
+        layer.bias.copy_(torch.linspace(-1, 1, 40))
+    return layer
+
+
+@pytest.fixture
+def no_row_blocks(monkeypatch):
+    """The library's own (row-block) path made unusable: only the compiled kernel can quantize."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the library's own quantizer ran")
+
+    monkeypatch.setattr(row_blocks, "quantize_by_rows", refuse)
+
+
+def test_backends_take_the_kernel(no_row_blocks, assert_same_state):
+    layer = get_backend("torchao").quantize("layer", bf16_linear(), TorchAoConfig("int8wo"), CPU)
+    theirs = nn.Sequential(bf16_linear())
+    quantize_(theirs, Int8WeightOnlyConfig())
+    assert torch.equal(layer.weight.qdata, theirs[0].weight.qdata)
+    assert torch.equal(layer.weight.scale, theirs[0].weight.scale)
+
+    layer = get_backend("quanto").quantize("layer", bf16_linear(), QuantoConfig("int8"), CPU)
+    theirs = quantize_module(bf16_linear(), weights="qint8")
+    theirs.freeze()
+    assert_same_state(layer, theirs)
+
+
+def test_a_disagreeing_kernel_hands_back_to_the_library(monkeypatch, assert_same_state):
+    def off_by_one(kernel):
+        return lambda weight: (kernel(weight)[0] + 1, kernel(weight)[1])
+
+    monkeypatch.setattr(int8_rows, "quanto_int8_rows", off_by_one(int8_rows.quanto_int8_rows))
+    monkeypatch.setattr(int8_rows, "torchao_int8_rows", off_by_one(int8_rows.torchao_int8_rows))
+
+    with pytest.warns(UserWarning, match="disagrees with this optimum-quanto version"):
+        layer = get_backend("quanto").quantize("layer", bf16_linear(), QuantoConfig("int8"), CPU)
+    theirs = quantize_module(bf16_linear(), weights="qint8")
+    theirs.freeze()
+    assert_same_state(layer, theirs)
+
+    with pytest.warns(UserWarning, match="disagrees with this torchao version"):
+        layer = get_backend("torchao").quantize("layer", bf16_linear(), TorchAoConfig("int8wo"), CPU)
+    theirs = nn.Sequential(bf16_linear())
+    quantize_(theirs, Int8WeightOnlyConfig())
+    assert torch.equal(layer.weight.qdata, theirs[0].weight.qdata)
