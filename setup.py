@@ -8,8 +8,10 @@ codecs) and says so once.
 from setuptools import Extension, setup
 
 # -ffp-contract=off: no fused multiply-adds, whose single rounding would change the bytes the
-# kernels must reproduce (quanto's, torchao's and llama.cpp's arithmetic, op by op)
-FLAGS = ["-O3", "-std=c11", "-pthread", "-ffp-contract=off"]
+# kernels must reproduce (quanto's, torchao's and llama.cpp's arithmetic, op by op).
+# -Wno-psabi: the vector helpers are static and inlined, so GCC's note on passing AVX vectors
+# between functions compiled for different targets does not apply.
+FLAGS = ["-O3", "-std=c11", "-pthread", "-ffp-contract=off", "-Wno-psabi"]
 
 
 def kernel(name: str) -> Extension:
@@ -24,4 +26,4 @@ def kernel(name: str) -> Extension:
     )
 
 
-setup(ext_modules=[kernel("int8_rows"), kernel("kquants")])
+setup(ext_modules=[kernel("int8_rows"), kernel("kquants"), kernel("ggml_dequantize")])

@@ -33,6 +33,11 @@ import numpy as np
 import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
+try:
+    from pipequant import _ggml_dequantize
+except ImportError:  # built without a C compiler (setup.py marks the module optional)
+    _ggml_dequantize = None
+
 QuantType = str | GGMLQuantizationType
 
 _REGISTRY: dict[GGMLQuantizationType, type[GGMLQuant]] = {}
@@ -253,9 +258,15 @@ class GGMLQuant(ABC):
 
     @classmethod
     def dequantize_rows(cls, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Flat uint8 -> flat ``dtype`` weights."""
+        """Flat uint8 -> flat ``dtype`` weights. On CPU, into float32 or bfloat16, by the compiled
+        kernel (`pipequant/_native/ggml_dequantize.c`: the same values, in one pass)."""
         blocks = raw.view(-1, cls.type_size)
         out = result_buffer((blocks.shape[0], cls.block_size), dtype, raw.device)
+        if _ggml_dequantize is not None and raw.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
+            _ggml_dequantize.dequantize(
+                int(cls.qtype), blocks.data_ptr(), blocks.shape[0], out.data_ptr(), dtype == torch.bfloat16
+            )
+            return out.view(-1)
         step = cls.dequantize_chunk
         with _serial_cpu(raw.device):
             for start in range(0, blocks.shape[0], step):
