@@ -145,7 +145,7 @@ INLINE void transpose_in(int n, const float *x, lanes_f *out) {
  * (the reference's return value and *the_min) and levels L (sub-block after sub-block) */
 INLINE void make_qkx2_quants_x8(int n, int nmax, const float *x, const float *weights, uint8_t *L, float *scales,
                                        float *mins, float rmin, float rdelta, int nstep, int use_mad) {
-    lanes_f xs[32], ws[32];
+    lanes_f xs[32], ws[32], shifted[32]; /* shifted: x - min for the current min */
     lanes_i levels[32], candidate[32];
     transpose_in(n, x, xs);
     transpose_in(n, weights, ws);
@@ -166,8 +166,9 @@ INLINE void make_qkx2_quants_x8(int n, int nmax, const float *x, const float *we
     lanes_f iscale = splat((float)nmax) / (max - min);
     lanes_f scale = splat(1.f) / iscale;
     lanes_f best_error = zero;
+    for (int i = 0; i < n; ++i) shifted[i] = xs[i] - min;
     for (int i = 0; i < n; ++i) {
-        levels[i] = nearest_clamped(iscale * (xs[i] - min), 0, nmax);
+        levels[i] = nearest_clamped(iscale * shifted[i], 0, nmax);
         lanes_f diff = scale * to_float(levels[i]) + min - xs[i];
         diff = use_mad ? absolute(diff) : diff * diff;
         best_error += ws[i] * diff;
@@ -176,7 +177,7 @@ INLINE void make_qkx2_quants_x8(int n, int nmax, const float *x, const float *we
         iscale = splat(rmin + rdelta * is + nmax) / (max - min);
         lanes_f sum_l = zero, sum_l2 = zero, sum_xl = zero;
         for (int i = 0; i < n; ++i) {
-            candidate[i] = nearest_clamped(iscale * (xs[i] - min), 0, nmax);
+            candidate[i] = nearest_clamped(iscale * shifted[i], 0, nmax);
             lanes_f l = to_float(candidate[i]);
             lanes_f w = ws[i];
             sum_l += w * l;
@@ -201,6 +202,7 @@ INLINE void make_qkx2_quants_x8(int n, int nmax, const float *x, const float *we
         best_error = select_float(better, cur_error, best_error);
         scale = select_float(better, this_scale, scale);
         min = select_float(better, this_min, min);
+        for (int i = 0; i < n; ++i) shifted[i] = xs[i] - min;
     }
     min = select_float(flat, flat_min, min);
     scale = select_float(flat, zero, scale);
@@ -211,63 +213,68 @@ INLINE void make_qkx2_quants_x8(int n, int nmax, const float *x, const float *we
     }
 }
 
-/* the value of largest magnitude (the first one on ties), and that magnitude */
-INLINE float signed_absmax(int n, const float *x, float *magnitude) {
-    float max = 0, amax = 0;
+/* the value of largest magnitude in each lane (the first one on ties, as the reference's strict
+ * comparison), and that magnitude */
+INLINE lanes_f signed_absmax_x8(int n, const lanes_f *xs, lanes_f *magnitude) {
+    lanes_f max = splat(0.f), amax = splat(0.f);
     for (int i = 0; i < n; ++i) {
-        float ax = fabsf(x[i]);
-        if (ax > amax) {
-            amax = ax;
-            max = x[i];
-        }
+        lanes_f ax = absolute(xs[i]);
+        lanes_i larger = ax > amax;
+        amax = select_float(larger, ax, amax);
+        max = select_float(larger, xs[i], max);
     }
     *magnitude = amax;
     return max;
 }
 
-/* make_q3_quants with do_rmse: levels in 0..2*nmax-1 */
-INLINE float make_q3_quants(int n, int nmax, const float *x, int8_t *L) {
-    float amax;
-    float max = signed_absmax(n, x, &amax);
-    if (amax < GROUP_MAX_EPS) {
-        for (int i = 0; i < n; ++i) L[i] = 0;
-        return 0.f;
-    }
-    float iscale = -nmax / max;
-    float sumlx = 0, suml2 = 0;
+/* make_q3_quants with do_rmse for sub-blocks 0..7 of x, 16 weights each: their scales, and levels
+ * in 0..2*nmax-1. The refinement passes run while any lane still changes; a lane whose pass
+ * changed nothing stops there, as the reference does. */
+INLINE void make_q3_quants_x8(int nmax, const float *x, int8_t *L, float *scales) {
+    enum { n = 16 };
+    lanes_f xs[n];
+    lanes_i levels[n];
+    transpose_in(n, x, xs);
+    const lanes_f zero = splat(0.f);
+    lanes_f amax;
+    lanes_f max = signed_absmax_x8(n, xs, &amax);
+    const lanes_i negligible = amax < splat(GROUP_MAX_EPS); /* the reference returns early: levels 0, scale 0 */
+    lanes_f iscale = splat((float)-nmax) / max;
+    lanes_f sumlx = zero, suml2 = zero;
     for (int i = 0; i < n; ++i) {
-        int l = nearest_int(iscale * x[i]);
-        l = max_int(-nmax, min_int(nmax - 1, l));
-        L[i] = (int8_t)l;
-        float w = x[i] * x[i];
-        sumlx += w * x[i] * l;
+        levels[i] = nearest_clamped(iscale * xs[i], -nmax, nmax - 1);
+        lanes_f l = to_float(levels[i]);
+        lanes_f w = xs[i] * xs[i];
+        sumlx += w * xs[i] * l;
         suml2 += w * l * l;
     }
+    lanes_i active = ~negligible;
     for (int itry = 0; itry < 5; ++itry) {
-        int n_changed = 0;
+        lanes_i changed = splat_int(0);
         for (int i = 0; i < n; ++i) {
-            float w = x[i] * x[i];
-            float slx = sumlx - w * x[i] * L[i];
-            if (slx > 0) {
-                float sl2 = suml2 - w * L[i] * L[i];
-                int new_l = nearest_int(x[i] * sl2 / slx);
-                new_l = max_int(-nmax, min_int(nmax - 1, new_l));
-                if (new_l != L[i]) {
-                    slx += w * x[i] * new_l;
-                    sl2 += w * new_l * new_l;
-                    if (sl2 > 0 && slx * slx * suml2 > sumlx * sumlx * sl2) {
-                        L[i] = (int8_t)new_l;
-                        sumlx = slx;
-                        suml2 = sl2;
-                        ++n_changed;
-                    }
-                }
-            }
+            lanes_f w = xs[i] * xs[i];
+            lanes_f l = to_float(levels[i]);
+            lanes_f slx = sumlx - w * xs[i] * l;
+            lanes_f sl2 = suml2 - w * l * l;
+            lanes_i new_l = nearest_clamped(xs[i] * sl2 / slx, -nmax, nmax - 1);
+            lanes_f new_lf = to_float(new_l);
+            lanes_f new_slx = slx + w * xs[i] * new_lf;
+            lanes_f new_sl2 = sl2 + w * new_lf * new_lf;
+            lanes_i accept = active & (slx > zero) & (new_l != levels[i]) & (new_sl2 > zero) &
+                             (new_slx * new_slx * suml2 > sumlx * sumlx * new_sl2);
+            levels[i] = select_int(accept, new_l, levels[i]);
+            sumlx = select_float(accept, new_slx, sumlx);
+            suml2 = select_float(accept, new_sl2, suml2);
+            changed |= accept;
         }
-        if (!n_changed) break;
+        active &= changed;
+        if (!any_lane(active)) break;
     }
-    for (int i = 0; i < n; ++i) L[i] = (int8_t)(L[i] + nmax);
-    return suml2 > 0 ? sumlx / suml2 : 0.f;
+    lanes_f scale = select_float(suml2 > zero, sumlx / suml2, zero);
+    for (int lane = 0; lane < LANES; lane++) {
+        scales[lane] = negligible[lane] ? 0.f : scale[lane];
+        for (int i = 0; i < n; i++) L[lane * n + i] = negligible[lane] ? 0 : (int8_t)(levels[i][lane] + nmax);
+    }
 }
 
 /* make_qx_quants (rmse_type 1, no importance weights) for sub-blocks 0..7 of x, 16 weights each:
@@ -278,13 +285,8 @@ INLINE void make_qx_quants_x8(int nmax, const float *x, int8_t *L, float *scales
     lanes_i levels[n], candidate[n];
     transpose_in(n, x, xs);
     const lanes_f zero = splat(0.f);
-    lanes_f max = zero, amax = zero;
-    for (int i = 0; i < n; ++i) {
-        lanes_f ax = absolute(xs[i]);
-        lanes_i larger = ax > amax;
-        amax = select_float(larger, ax, amax);
-        max = select_float(larger, xs[i], max);
-    }
+    lanes_f amax;
+    lanes_f max = signed_absmax_x8(n, xs, &amax);
     const lanes_i negligible = amax < splat(GROUP_MAX_EPS); /* the reference returns early: levels 0, scale 0 */
     lanes_f iscale = splat((float)-nmax) / max;
     lanes_f sumlx = zero, suml2 = zero;
@@ -373,8 +375,8 @@ INLINE void quantize_q3_K(const float *x, uint8_t *out) {
     int8_t L[QK_K];
     float scales[QK_K / 16];
     float max_scale = 0, amax = 0;
+    for (int j = 0; j < QK_K / 16; j += LANES) make_q3_quants_x8(4, x + 16 * j, L + 16 * j, scales + j);
     for (int j = 0; j < QK_K / 16; ++j) {
-        scales[j] = make_q3_quants(16, 4, x + 16 * j, L + 16 * j);
         float scale = fabsf(scales[j]);
         if (scale > amax) {
             amax = scale;
