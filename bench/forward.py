@@ -46,6 +46,14 @@ def _quanto(weights_dtype: str):
     return QuantoConfig(weights_dtype=weights_dtype)
 
 
+def _gguf(quant_type: str):
+    import torch
+
+    from pipequant import GGUFQuantizationConfig
+
+    return GGUFQuantizationConfig(quant_type=quant_type, compute_dtype=torch.bfloat16)
+
+
 # name -> (backend, mode, builder of the pipequant config; None for the bf16 baseline)
 MODES: dict[str, tuple[str, str, Callable[[], object] | None]] = {
     "bf16": ("-", "bf16 (no quantization)", None),
@@ -58,6 +66,9 @@ MODES: dict[str, tuple[str, str, Callable[[], object] | None]] = {
     "quanto-int8": ("quanto", "int8 weights", lambda: _quanto("int8")),
     "quanto-int4": ("quanto", "int4 weights", lambda: _quanto("int4")),
     "quanto-float8": ("quanto", "float8 weights", lambda: _quanto("float8")),
+    "gguf-q8_0": ("gguf", "Q8_0", lambda: _gguf("Q8_0")),
+    "gguf-q6_k": ("gguf", "Q6_K", lambda: _gguf("Q6_K")),
+    "gguf-q4_k": ("gguf", "Q4_K", lambda: _gguf("Q4_K")),
 }
 
 

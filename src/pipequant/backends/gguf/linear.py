@@ -2,7 +2,7 @@
 
 The weight is stored exactly as a .gguf file holds it (uint8, one row of blocks per output
 feature), so loading a file copies bytes and writing one copies them back, with no re-quantization
-either way. Each forward dequantizes with the torch codec to `compute_dtype` and runs `F.linear`:
+either way. Each forward dequantizes (compiled kernel on CPU) to `compute_dtype` and runs `F.linear`:
 memory is the quantized size, at the price of a dequantization per call, as in ComfyUI-GGUF and
 diffusers' GGUF layers.
 

@@ -264,7 +264,8 @@ class GGMLQuant(ABC):
         out = result_buffer((blocks.shape[0], cls.block_size), dtype, raw.device)
         if _ggml_dequantize is not None and raw.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
             _ggml_dequantize.dequantize(
-                int(cls.qtype), blocks.data_ptr(), blocks.shape[0], out.data_ptr(), dtype == torch.bfloat16
+                int(cls.qtype), blocks.data_ptr(), blocks.shape[0], out.data_ptr(), dtype == torch.bfloat16,
+                torch.get_num_threads(),
             )
             return out.view(-1)
         step = cls.dequantize_chunk
