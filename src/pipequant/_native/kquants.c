@@ -11,40 +11,14 @@
 #include <Python.h>
 
 #include <math.h>
-#include <stdint.h>
-#include <string.h>
 
+#include "ggml_common.h"
 #include "parallel.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-/* the eight-lane searches below run in one AVX2 / AVX-512 register; the loader picks the best copy */
-#define BLOCK_KERNEL __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
-#else
-#define BLOCK_KERNEL
-#endif
-/* for everything run_blocks calls: inlined into each of its clones, so compiled for that target */
-#define INLINE static inline __attribute__((always_inline))
-
-#define QK_K 256
 #define GROUP_MAX_EPS 1e-15f
-
-/* GGML type numbers, as gguf's GGMLQuantizationType */
-enum { Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
 
 /* bytes per superblock, in gguf-py's layouts */
 enum { Q2_K_BYTES = 84, Q3_K_BYTES = 110, Q4_K_BYTES = 144, Q5_K_BYTES = 176, Q6_K_BYTES = 210 };
-
-INLINE float from_bits(uint32_t bits) {
-    float value;
-    memcpy(&value, &bits, sizeof value);
-    return value;
-}
-
-INLINE uint32_t to_bits(float value) {
-    uint32_t bits;
-    memcpy(&bits, &value, sizeof bits);
-    return bits;
-}
 
 INLINE int max_int(int a, int b) { return a > b ? a : b; }
 INLINE int min_int(int a, int b) { return a < b ? a : b; }
@@ -71,25 +45,12 @@ INLINE uint16_t half_from_float(float value) {
     return sign | (uint16_t)(bits >> 13);
 }
 
-INLINE float half_to_float(uint16_t half) {
-    uint32_t sign = (uint32_t)(half & 0x8000u) << 16;
-    uint32_t exponent = (half >> 10) & 0x1Fu;
-    uint32_t mantissa = half & 0x3FFu;
-    if (exponent == 0x1F) return from_bits(sign | 0x7F800000u | (mantissa << 13));
-    if (exponent == 0) { /* zero or subnormal: mantissa * 2^-24, exact */
-        float magnitude = (float)mantissa * 0x1p-24f;
-        return sign ? -magnitude : magnitude;
-    }
-    return from_bits(sign | ((exponent + 112) << 23) | (mantissa << 13));
-}
-
 INLINE void store_half(uint8_t *out, float value) {
     uint16_t half = half_from_float(value);
     out[0] = (uint8_t)(half & 0xFF);
     out[1] = (uint8_t)(half >> 8);
 }
 
-INLINE float load_half(const uint8_t *in) { return half_to_float((uint16_t)(in[0] | (in[1] << 8))); }
 
 /* --- the searches for one sub-block's scale (and min) --- */
 
@@ -227,27 +188,45 @@ INLINE lanes_f signed_absmax_x8(int n, const lanes_f *xs, lanes_f *magnitude) {
     return max;
 }
 
+/* The first guess of make_q3_quants and make_qx_quants for 8 sub-blocks of 16 (one per lane):
+ * levels nearest_int(-nmax / max * x) in [-nmax, nmax - 1], max the value of largest magnitude,
+ * and the sums weighted by x^2. Returns the lanes whose sub-block is negligible (the reference
+ * returns levels 0 and scale 0 for them). */
+INLINE lanes_i first_guess_x8(int nmax, const lanes_f *xs, lanes_i *levels, lanes_f *sumlx, lanes_f *suml2,
+                              lanes_f *max) {
+    enum { n = 16 };
+    lanes_f amax;
+    *max = signed_absmax_x8(n, xs, &amax);
+    lanes_f iscale = splat((float)-nmax) / *max;
+    *sumlx = *suml2 = splat(0.f);
+    for (int i = 0; i < n; ++i) {
+        levels[i] = nearest_clamped(iscale * xs[i], -nmax, nmax - 1);
+        lanes_f l = to_float(levels[i]);
+        lanes_f w = xs[i] * xs[i];
+        *sumlx += w * xs[i] * l;
+        *suml2 += w * l * l;
+    }
+    return amax < splat(GROUP_MAX_EPS);
+}
+
+/* scales and levels (made unsigned by + nmax) of 8 sub-blocks of 16 out of the lanes; 0 for the negligible */
+INLINE void store_signed_x8(int nmax, const lanes_i *levels, lanes_f scale, lanes_i negligible, int8_t *L, float *scales) {
+    for (int lane = 0; lane < LANES; lane++) {
+        scales[lane] = negligible[lane] ? 0.f : scale[lane];
+        for (int i = 0; i < 16; i++) L[lane * 16 + i] = negligible[lane] ? 0 : (int8_t)(levels[i][lane] + nmax);
+    }
+}
+
 /* make_q3_quants with do_rmse for sub-blocks 0..7 of x, 16 weights each: their scales, and levels
  * in 0..2*nmax-1. The refinement passes run while any lane still changes; a lane whose pass
  * changed nothing stops there, as the reference does. */
 INLINE void make_q3_quants_x8(int nmax, const float *x, int8_t *L, float *scales) {
     enum { n = 16 };
-    lanes_f xs[n];
+    lanes_f xs[n], max, sumlx, suml2;
     lanes_i levels[n];
     transpose_in(n, x, xs);
     const lanes_f zero = splat(0.f);
-    lanes_f amax;
-    lanes_f max = signed_absmax_x8(n, xs, &amax);
-    const lanes_i negligible = amax < splat(GROUP_MAX_EPS); /* the reference returns early: levels 0, scale 0 */
-    lanes_f iscale = splat((float)-nmax) / max;
-    lanes_f sumlx = zero, suml2 = zero;
-    for (int i = 0; i < n; ++i) {
-        levels[i] = nearest_clamped(iscale * xs[i], -nmax, nmax - 1);
-        lanes_f l = to_float(levels[i]);
-        lanes_f w = xs[i] * xs[i];
-        sumlx += w * xs[i] * l;
-        suml2 += w * l * l;
-    }
+    const lanes_i negligible = first_guess_x8(nmax, xs, levels, &sumlx, &suml2, &max);
     lanes_i active = ~negligible;
     for (int itry = 0; itry < 5; ++itry) {
         lanes_i changed = splat_int(0);
@@ -270,39 +249,23 @@ INLINE void make_q3_quants_x8(int nmax, const float *x, int8_t *L, float *scales
         active &= changed;
         if (!any_lane(active)) break;
     }
-    lanes_f scale = select_float(suml2 > zero, sumlx / suml2, zero);
-    for (int lane = 0; lane < LANES; lane++) {
-        scales[lane] = negligible[lane] ? 0.f : scale[lane];
-        for (int i = 0; i < n; i++) L[lane * n + i] = negligible[lane] ? 0 : (int8_t)(levels[i][lane] + nmax);
-    }
+    store_signed_x8(nmax, levels, select_float(suml2 > zero, sumlx / suml2, zero), negligible, L, scales);
 }
 
 /* make_qx_quants (rmse_type 1, no importance weights) for sub-blocks 0..7 of x, 16 weights each:
  * their scales, and levels in 0..2*nmax-1 */
 INLINE void make_qx_quants_x8(int nmax, const float *x, int8_t *L, float *scales) {
     enum { n = 16 };
-    lanes_f xs[n];
+    lanes_f xs[n], max, sumlx, suml2;
     lanes_i levels[n], candidate[n];
     transpose_in(n, x, xs);
     const lanes_f zero = splat(0.f);
-    lanes_f amax;
-    lanes_f max = signed_absmax_x8(n, xs, &amax);
-    const lanes_i negligible = amax < splat(GROUP_MAX_EPS); /* the reference returns early: levels 0, scale 0 */
-    lanes_f iscale = splat((float)-nmax) / max;
-    lanes_f sumlx = zero, suml2 = zero;
-    for (int i = 0; i < n; ++i) {
-        lanes_i l = nearest_clamped(iscale * xs[i], -nmax, nmax - 1);
-        levels[i] = l + splat_int(nmax);
-        lanes_f lf = to_float(l);
-        lanes_f w = xs[i] * xs[i];
-        sumlx += w * xs[i] * lf;
-        suml2 += w * lf * lf;
-    }
+    const lanes_i negligible = first_guess_x8(nmax, xs, levels, &sumlx, &suml2, &max);
     lanes_f scale = select_float(suml2 != zero, sumlx / suml2, zero);
     lanes_f best = scale * sumlx;
     for (int is = -9; is <= 9; ++is) {
         if (is == 0) continue;
-        iscale = splat(-(nmax + 0.1f * is)) / max;
+        lanes_f iscale = splat(-(nmax + 0.1f * is)) / max;
         sumlx = suml2 = zero;
         for (int i = 0; i < n; ++i) {
             candidate[i] = nearest_clamped(iscale * xs[i], -nmax, nmax - 1);
@@ -313,17 +276,28 @@ INLINE void make_qx_quants_x8(int nmax, const float *x, int8_t *L, float *scales
         }
         lanes_i better = (suml2 > zero) & (sumlx * sumlx > best * suml2);
         if (!any_lane(better)) continue;
-        for (int i = 0; i < n; ++i) levels[i] = select_int(better, candidate[i] + splat_int(nmax), levels[i]);
+        for (int i = 0; i < n; ++i) levels[i] = select_int(better, candidate[i], levels[i]);
         scale = select_float(better, sumlx / suml2, scale);
         best = select_float(better, scale * sumlx, best);
     }
-    for (int lane = 0; lane < LANES; lane++) {
-        scales[lane] = negligible[lane] ? 0.f : scale[lane];
-        for (int i = 0; i < n; i++) L[lane * n + i] = negligible[lane] ? 0 : (int8_t)levels[i][lane];
-    }
+    store_signed_x8(nmax, levels, scale, negligible, L, scales);
 }
 
 /* --- one superblock of 256 weights each --- */
+
+/* the value of largest magnitude among n (the first one on ties, as the reference's strict
+ * comparison), and that magnitude */
+INLINE float largest_magnitude(int n, const float *values, float *magnitude) {
+    float largest = 0, amax = 0;
+    for (int i = 0; i < n; ++i) {
+        if (fabsf(values[i]) > amax) {
+            amax = fabsf(values[i]);
+            largest = values[i];
+        }
+    }
+    *magnitude = amax;
+    return largest;
+}
 
 INLINE void quantize_q2_K(const float *x, uint8_t *out) {
     uint8_t *scales_out = out, *qs = out + 16, *d_out = out + 80, *dmin_out = out + 82;
@@ -374,15 +348,9 @@ INLINE void quantize_q3_K(const float *x, uint8_t *out) {
     uint8_t *hmask = out, *qs = out + 32, *scales_out = out + 96, *d_out = out + 108;
     int8_t L[QK_K];
     float scales[QK_K / 16];
-    float max_scale = 0, amax = 0;
     for (int j = 0; j < QK_K / 16; j += LANES) make_q3_quants_x8(4, x + 16 * j, L + 16 * j, scales + j);
-    for (int j = 0; j < QK_K / 16; ++j) {
-        float scale = fabsf(scales[j]);
-        if (scale > amax) {
-            amax = scale;
-            max_scale = scales[j];
-        }
-    }
+    float amax;
+    const float max_scale = largest_magnitude(QK_K / 16, scales, &amax);
     memset(scales_out, 0, 12);
     if (max_scale) {
         float iscale = -32.f / max_scale;
@@ -530,16 +498,9 @@ INLINE void quantize_q6_K(const float *x, uint8_t *out) {
     uint8_t *ql = out, *qh = out + 128, *scales_out = out + 192, *d_out = out + 208;
     int8_t L[QK_K];
     float scales[QK_K / 16];
-    float max_scale = 0, max_abs_scale = 0;
     for (int j = 0; j < QK_K / 16; j += LANES) make_qx_quants_x8(32, x + 16 * j, L + 16 * j, scales + j);
-    for (int ib = 0; ib < QK_K / 16; ++ib) {
-        const float scale = scales[ib];
-        const float abs_scale = fabsf(scale);
-        if (abs_scale > max_abs_scale) {
-            max_abs_scale = abs_scale;
-            max_scale = scale;
-        }
-    }
+    float max_abs_scale;
+    const float max_scale = largest_magnitude(QK_K / 16, scales, &max_abs_scale);
     if (max_abs_scale < GROUP_MAX_EPS) {
         memset(out, 0, Q6_K_BYTES);
         return;
