@@ -25,10 +25,9 @@ from collections.abc import Iterator
 
 import torch
 
-try:
-    from pipequant import _int8_rows
-except ImportError:  # built without a C compiler (setup.py marks the module optional)
-    _int8_rows = None
+from ..kernels import compiled
+
+_int8_rows = compiled("int8_rows")
 
 _DTYPE_BITS = {torch.bfloat16: 16, torch.float32: 32}
 
@@ -73,7 +72,6 @@ def torch_on_one_thread() -> Iterator[None]:
 
 def _run(kernel: str, weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
     if _int8_rows is None:
-        _warn_not_built()
         return None
     if weight.device.type != "cpu" or weight.dtype not in _DTYPE_BITS or weight.dim() != 2 or not weight.is_contiguous():
         return None
@@ -84,10 +82,3 @@ def _run(kernel: str, weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[t
         weight.data_ptr(), _DTYPE_BITS[weight.dtype], rows, columns, data.data_ptr(), scale.data_ptr(), torch.get_num_threads()
     )
     return data, scale
-
-
-def _warn_not_built() -> None:
-    warnings.warn(
-        "pipequant was installed without its compiled kernels (no C compiler?); int8 layers are quantized by "
-        "the libraries' own, slower code. Reinstall with a C compiler at hand to build them."
-    )

@@ -26,12 +26,10 @@ import numpy as np
 import torch
 from gguf.constants import QK_K, GGMLQuantizationType
 
-from .quants import GGMLQuant, result_buffer, absmax_signed, div, fp16_bytes, fp16_value, pack_bits, scale_into, unpack_bits
+from ...kernels import compiled
+from .quants import GGMLQuant, absmax_signed, div, fp16_bytes, fp16_value, pack_bits, result_buffer, scale_into, unpack_bits
 
-try:
-    from pipequant import _kquants
-except ImportError:  # built without a C compiler (setup.py marks the module optional)
-    _kquants = None
+_kquants = compiled("kquants")
 
 GROUP_MAX_EPS = 1e-15
 """Sub-blocks with max |x| below this are stored as zeros (ggml-quants.c)."""

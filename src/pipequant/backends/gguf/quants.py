@@ -33,10 +33,9 @@ import numpy as np
 import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-try:
-    from pipequant import _ggml_dequantize
-except ImportError:  # built without a C compiler (setup.py marks the module optional)
-    _ggml_dequantize = None
+from ...kernels import compiled
+
+_ggml_dequantize = compiled("ggml_dequantize")
 
 QuantType = str | GGMLQuantizationType
 
