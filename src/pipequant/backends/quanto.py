@@ -8,12 +8,13 @@ its tinygemm CPU/CUDA kernel) and their state dicts are quanto's format.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from . import row_blocks
+from . import int8_rows, row_blocks
 from .base import Backend, BackendConfig, LayerState, QuantizationConfigError, bias_nbytes
 
 WEIGHT_DTYPES = ("int2", "int4", "int8", "float8")
@@ -184,12 +185,12 @@ def _weight_by_rows(layer: nn.Module) -> torch.Tensor:
     )
 
 
-def _int8_rows(weight: torch.Tensor, qtype, quantize_rows) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _int8_rows(
+    weight: torch.Tensor, qtype: Any, quantize_rows: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """An int8 weight by our compiled kernel (`int8_rows`), if it gives quanto's own bytes on the first two rows."""
     if qtype.dtype != torch.int8 or weight.device.type != "cpu":
         return None
-    from . import int8_rows  # numba: imported when first needed, not with pipequant
-
     with int8_rows.torch_on_one_thread():
         theirs = quantize_rows(weight[:2])
     if not int8_rows.agrees(int8_rows.quanto_int8_rows(weight[:2]), theirs, "optimum-quanto"):

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from . import row_blocks
+from . import int8_rows, row_blocks
 from .base import Backend, BackendConfig, LayerState, QuantizationConfigError, dtype_from_any
 
 
@@ -378,8 +378,6 @@ def _quantize_int8_rows(module: nn.Linear, config: TorchAoConfig, device: torch.
     """
     from torchao.quantization import Int8Tensor
 
-    from . import int8_rows  # numba: imported when first needed, not with pipequant
-
     weight = module.weight.detach()
     if device.type != "cpu" or weight.shape[0] < 2:
         return None
@@ -396,7 +394,9 @@ def _quantize_int8_rows(module: nn.Linear, config: TorchAoConfig, device: torch.
         and not attributes.get("reduce_range")
         and not template.zero_point.any()
     )
-    if not plain_int8 or not int8_rows.agrees(int8_rows.torchao_int8_rows(weight[:2]), (template.qdata, template.scale), "torchao"):
+    if not plain_int8:
+        return None
+    if not int8_rows.agrees(int8_rows.torchao_int8_rows(weight[:2]), (template.qdata, template.scale), "torchao"):
         return None
     fused = int8_rows.torchao_int8_rows(weight)
     assert fused is not None

@@ -298,8 +298,8 @@ _SOURCE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 class _KQuant(GGMLQuant):
     """A K-quant type. On CPU, quantization runs llama.cpp's reference algorithm compiled
-    (`pipequant/_native/kquants.c`: the same bytes as the torch code here, 20-40x faster on
-    one core and spread over torch's threads); on other devices, or without the compiled
+    (`pipequant/_native/kquants.c`: the same bytes as the torch code here, 10-25x faster on
+    one core, and spread over torch's threads); on other devices, or without the compiled
     module, the torch code below."""
 
     @classmethod

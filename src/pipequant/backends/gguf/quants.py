@@ -20,6 +20,10 @@ needs some care because torch is not numpy/C:
 
 Tensors are processed in chunks of blocks sized for the CPU caches, and on CPU in one
 thread (see :func:`_serial_cpu` for why).
+
+On CPU, dequantization and the K-quant quantizers run compiled kernels instead
+(``src/pipequant/_native``) that give the same values; these torch codecs run on other
+devices (and without the kernels) and remain the readable statement of each layout.
 """
 
 from __future__ import annotations
