@@ -26,4 +26,4 @@ def kernel(name: str) -> Extension:
     )
 
 
-setup(ext_modules=[kernel("int8_rows"), kernel("kquants"), kernel("ggml_dequantize")])
+setup(ext_modules=[kernel("int8_rows"), kernel("kquants"), kernel("ggml_dequantize"), kernel("bnb4")])

@@ -1,8 +1,9 @@
-"""4-bit quantize throughput: pipequant's chunked path against bitsandbytes' `quantize_4bit`, on CPU.
+"""4-bit quantize throughput: pipequant's paths against bitsandbytes' `quantize_4bit`, on CPU.
 
-pipequant calls bitsandbytes' own function on block-aligned slices (same bytes, bounded
-temporaries); this shows what that costs or saves in speed. MB/s of bf16 weights, best of 5, on the
-weight shapes of a Flux transformer. Writes bench/results/nf4_quantize.md.
+On CPU pipequant runs its compiled kernel (bitsandbytes' arithmetic in one pass, same bytes);
+elsewhere it calls bitsandbytes' own function on block-aligned slices (same bytes, bounded
+temporaries). Both are timed here against one whole-tensor `quantize_4bit` call. MB/s of bf16
+weights, best of 5, on the weight shapes of a Flux transformer. Writes bench/results/nf4_quantize.md.
 
     python bench/nf4_quantize.py
 """
@@ -38,15 +39,18 @@ def main() -> None:
         megabytes = weight.numel() * 2 / 1e6
         for quant_type in ("nf4", "fp4"):
             theirs = best_seconds(lambda: F.quantize_4bit(weight, quant_type=quant_type))
-            ours = best_seconds(
+            compiled = best_seconds(
                 lambda: bnb_chunked.quantize_4bit(
                     weight, quant_type=quant_type, compress_statistics=False, quant_storage=torch.uint8
                 )
             )
-            rows.append((f"{shape[0]}x{shape[1]}", quant_type, megabytes / theirs, megabytes / ours))
-    header = "| weight | type | bitsandbytes quantize_4bit MB/s | pipequant chunked MB/s | ratio |"
-    lines = [header, "|---|---|---|---|---|"]
-    lines += [f"| {w} | {t} | {a:.0f} | {b:.0f} | {b / a:.2f} x |" for w, t, a, b in rows]
+            chunks = best_seconds(
+                lambda: bnb_chunked._by_slices(weight.reshape(-1), 64, quant_type, torch.uint8, bnb_chunked.CHUNK_ELEMENTS)
+            )
+            rows.append((f"{shape[0]}x{shape[1]}", quant_type, megabytes / theirs, megabytes / compiled, megabytes / chunks))
+    header = "| weight | type | bitsandbytes quantize_4bit MB/s | pipequant compiled MB/s | ratio | pipequant chunks MB/s | ratio |"
+    lines = [header, "|---|---|---|---|---|---|---|"]
+    lines += [f"| {w} | {t} | {a:.0f} | {b:.0f} | {b / a:.2f} x | {c:.0f} | {c / a:.2f} x |" for w, t, a, b, c in rows]
     text = "\n".join(lines)
     print(text)
     RESULTS.write_text(

@@ -12,16 +12,12 @@ than the kernel saves on a model of a few hundred million parameters.
 
 The arithmetic repeats each library's float operations and roundings step by step (bf16 results
 rounded to nearest even, as torch rounds them), so the bytes are identical; the backends also
-check the first rows of every layer against the library's own call (`agrees`), and the tests
+check the first rows of every layer against the library's own call (`kernels.agrees`), and the tests
 compare whole weights. Only contiguous CPU matrices in bfloat16 or float32 take this path;
 anything else, or an install without the compiled module, returns None and the caller uses the library.
 """
 
 from __future__ import annotations
-
-import contextlib
-import warnings
-from collections.abc import Iterator
 
 import torch
 
@@ -42,32 +38,6 @@ def torchao_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     """What torchao's `Int8Tensor.from_hp(weight, PerRow())` holds: (int8 data, float32 scale of
     shape (rows, 1)); its zero point is all zeros. None where this path does not apply."""
     return _run("torchao_int8", weight, torch.float32)
-
-
-def agrees(
-    fused: tuple[torch.Tensor, torch.Tensor] | None, library: tuple[torch.Tensor, torch.Tensor], library_name: str
-) -> bool:
-    """Whether our (data, scale) equal the library's own for the same rows; if they differ (a
-    library version that changed its arithmetic), say so once: the caller then uses the library."""
-    if fused is None:
-        return False
-    same = all(ours.dtype == theirs.dtype and torch.equal(ours, theirs) for ours, theirs in zip(fused, library))
-    if not same:
-        warnings.warn(f"pipequant's int8 kernel disagrees with this {library_name} version; {library_name} quantizes instead")
-    return same
-
-
-@contextlib.contextmanager
-def torch_on_one_thread() -> Iterator[None]:
-    """For the library's call on the two rows that `agrees` checks: far too small to gain from threads,
-    and a parallel region would leave torch's OpenMP workers spinning for a while on the cores our
-    kernel needs next (measured: the kernel's time over a whole model 0.21 s -> 0.37 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(kernel: str, weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:

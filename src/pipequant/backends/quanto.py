@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from .. import kernels
 from . import int8_rows, row_blocks
 from .base import Backend, BackendConfig, LayerState, QuantizationConfigError, bias_nbytes
 
@@ -191,9 +192,9 @@ def _int8_rows(
     """An int8 weight by our compiled kernel (`int8_rows`), if it gives quanto's own bytes on the first two rows."""
     if qtype.dtype != torch.int8 or weight.device.type != "cpu":
         return None
-    with int8_rows.torch_on_one_thread():
+    with kernels.torch_on_one_thread():
         theirs = quantize_rows(weight[:2])
-    if not int8_rows.agrees(int8_rows.quanto_int8_rows(weight[:2]), theirs, "optimum-quanto"):
+    if not kernels.agrees(int8_rows.quanto_int8_rows(weight[:2]), theirs, "optimum-quanto"):
         return None
     return int8_rows.quanto_int8_rows(weight)
 

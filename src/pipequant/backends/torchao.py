@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from .. import kernels
 from . import int8_rows, row_blocks
 from .base import Backend, BackendConfig, LayerState, QuantizationConfigError, dtype_from_any
 
@@ -382,7 +383,7 @@ def _quantize_int8_rows(module: nn.Linear, config: TorchAoConfig, device: torch.
     if device.type != "cpu" or weight.shape[0] < 2:
         return None
     try:
-        with int8_rows.torch_on_one_thread():
+        with kernels.torch_on_one_thread():
             layer, names, attributes = _row_template(weight[:2], config, device)
     except row_blocks.NotRowSeparable:
         return None
@@ -396,7 +397,7 @@ def _quantize_int8_rows(module: nn.Linear, config: TorchAoConfig, device: torch.
     )
     if not plain_int8:
         return None
-    if not int8_rows.agrees(int8_rows.torchao_int8_rows(weight[:2]), (template.qdata, template.scale), "torchao"):
+    if not kernels.agrees(int8_rows.torchao_int8_rows(weight[:2]), (template.qdata, template.scale), "torchao"):
         return None
     fused = int8_rows.torchao_int8_rows(weight)
     assert fused is not None

@@ -1,0 +1,116 @@
+/* bitsandbytes' 4-bit blockwise quantization (nf4, fp4) in one pass, with bitsandbytes' exact bytes.
+ *
+ * Used by pipequant/backends/bnb_chunked.py, which checks the first blocks of every weight against
+ * bitsandbytes' own quantize_4bit. The arithmetic is that of bitsandbytes' CPU kernel
+ * (backends/default/ops.py): per block of `blocksize` weights in float32, absmax = max |x|;
+ * scaled = clamp(x * (1 / max(absmax, 1e-38)), -1, 1), and for a trailing partial block
+ * clamp(x / max(absmax, 1e-38), -1, 1), whose stored absmax is the clamped one; the 4-bit code is
+ * the number of code midpoints below the scaled value (torch.bucketize), mapped through `order`
+ * for fp4; two codes per byte, the first in the high nibble, an odd count padded with the code of
+ * 0. The midpoints and order come from bitsandbytes itself. Blocks are split between threads.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+
+#include "ggml_common.h"
+#include "parallel.h"
+
+#define MAX_BLOCKSIZE 4096
+
+enum source_dtype { FLOAT32 = 0, BFLOAT16 = 1, FLOAT16 = 2 };
+
+typedef struct {
+    const void *source;
+    enum source_dtype dtype;
+    int64_t count;
+    int blocksize;
+    const float *bounds; /* the 15 midpoints between sorted code values */
+    const int32_t *order; /* code index of each bucket; NULL for nf4, whose code is sorted */
+    uint8_t *packed;
+    float *absmax;
+} job;
+
+INLINE float element(const job *work, int64_t i) {
+    if (work->dtype == FLOAT32) return ((const float *)work->source)[i];
+    uint16_t bits = ((const uint16_t *)work->source)[i];
+    return work->dtype == BFLOAT16 ? from_bits((uint32_t)bits << 16) : half_to_float(bits);
+}
+
+INLINE int code_of(const job *work, float scaled) {
+    int bucket = 0;
+    for (int k = 0; k < 15; k++) bucket += work->bounds[k] < scaled;
+    return work->order ? work->order[bucket] : bucket;
+}
+
+/* torch.clamp(value, -1, 1): a NaN stays NaN */
+INLINE float clamp_unit(float value) { return value < -1.0f ? -1.0f : (value > 1.0f ? 1.0f : value); }
+
+BLOCK_KERNEL static void run_blocks(void *context, int64_t begin, int64_t end) {
+    const job *work = context;
+    float x[MAX_BLOCKSIZE];
+    uint8_t codes[MAX_BLOCKSIZE + 1];
+    for (int64_t b = begin; b < end; b++) {
+        const int64_t start = b * work->blocksize;
+        const int length = (int)(work->count - start < work->blocksize ? work->count - start : work->blocksize);
+        float absmax = 0.0f;
+        for (int i = 0; i < length; i++) {
+            x[i] = element(work, start + i);
+            const float magnitude = fabsf(x[i]);
+            absmax = magnitude > absmax || magnitude != magnitude ? magnitude : absmax; /* a NaN sticks, as in max */
+        }
+        const float floor_absmax = absmax < 1e-38f ? 1e-38f : absmax;
+        if (length == work->blocksize) {
+            work->absmax[b] = absmax;
+            const float inverse = 1.0f / floor_absmax;
+            for (int i = 0; i < length; i++) codes[i] = (uint8_t)code_of(work, clamp_unit(x[i] * inverse));
+        } else { /* the trailing partial block: a division, and the clamped absmax is stored */
+            work->absmax[b] = floor_absmax;
+            for (int i = 0; i < length; i++) codes[i] = (uint8_t)code_of(work, clamp_unit(x[i] / floor_absmax));
+        }
+        int pairs = length;
+        if (length % 2) codes[pairs++] = (uint8_t)code_of(work, 0.0f); /* the pad of an odd count */
+        for (int i = 0; i < pairs; i += 2) work->packed[start / 2 + i / 2] = (uint8_t)((codes[i] << 4) | codes[i + 1]);
+    }
+}
+
+static PyObject *quantize(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long source, bounds, order, packed, absmax;
+    int dtype, blocksize, threads;
+    Py_ssize_t count;
+    if (!PyArg_ParseTuple(args, "KinKKiKKi", &source, &dtype, &count, &bounds, &order, &blocksize, &packed, &absmax,
+                          &threads)) {
+        return NULL;
+    }
+    if (blocksize < 2 || blocksize > MAX_BLOCKSIZE || blocksize % 2) {
+        PyErr_Format(PyExc_ValueError, "blocksize %d: expected an even size up to %d", blocksize, MAX_BLOCKSIZE);
+        return NULL;
+    }
+    if (dtype < FLOAT32 || dtype > FLOAT16) {
+        PyErr_SetString(PyExc_ValueError, "the source must be float32 (0), bfloat16 (1) or float16 (2)");
+        return NULL;
+    }
+    job work = {(const void *)(uintptr_t)source, (enum source_dtype)dtype, count, blocksize,
+                (const float *)(uintptr_t)bounds, (const int32_t *)(uintptr_t)order, (uint8_t *)(uintptr_t)packed,
+                (float *)(uintptr_t)absmax};
+    const int64_t blocks = (count + blocksize - 1) / blocksize;
+    Py_BEGIN_ALLOW_THREADS
+    run_parallel(run_blocks, &work, blocks, threads);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"quantize", quantize, METH_VARARGS,
+     "quantize(source_ptr, source_dtype, count, bounds_ptr, order_ptr_or_0, blocksize, packed_ptr, absmax_ptr, "
+     "threads): bitsandbytes' 4-bit codes, two per byte, and the float32 absmax of each block"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_bnb4", "bitsandbytes 4-bit blockwise quantization.", -1, methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__bnb4(void) { return PyModule_Create(&module); }
