@@ -19,7 +19,7 @@ def kernel(name: str) -> Extension:
         f"pipequant._{name}",
         [f"src/pipequant/_native/{name}.c"],
         include_dirs=["src/pipequant/_native"],
-        depends=["src/pipequant/_native/parallel.h", "src/pipequant/_native/ggml_common.h"],
+        depends=["src/pipequant/_native/parallel.h", "src/pipequant/_native/common.h"],
         extra_compile_args=FLAGS,
         extra_link_args=["-pthread"],
         optional=True,

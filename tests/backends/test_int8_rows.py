@@ -1,7 +1,9 @@
-"""The compiled per-row int8 kernels give quanto's and torchao's own bytes, and the backends use them."""
+"""The compiled per-row int8 kernels give quanto's, torchao's and bitsandbytes' own bytes, and the
+backends use them."""
 
 from __future__ import annotations
 
+import bitsandbytes as bnb
 import pytest
 import torch
 from optimum.quanto import qint8, quantize_module
@@ -9,7 +11,7 @@ from optimum.quanto.tensor.optimizers import AbsmaxOptimizer
 from torch import nn
 from torchao.quantization import Int8Tensor, Int8WeightOnlyConfig, PerRow, quantize_
 
-from pipequant import QuantoConfig, TorchAoConfig
+from pipequant import BitsAndBytesConfig, QuantoConfig, TorchAoConfig
 from pipequant.backends import get_backend, int8_rows, row_blocks
 
 CPU = torch.device("cpu")
@@ -62,6 +64,15 @@ def test_torchao_bytes(dtype, shape):
     assert_same(int8_rows.torchao_int8_rows(weight), torchao_reference(weight))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(40, 300), (9, 4096), (64, 8)])
+def test_bitsandbytes_bytes(dtype, shape):
+    weight = awkward_weight(dtype, shape)
+    weight[7, 3] = 70000.0  # beyond float16: inf once rounded, as Linear8bitLt stores it
+    data, scale, _ = bnb.functional.int8_vectorwise_quant(weight.to(torch.float16))
+    assert_same(int8_rows.bitsandbytes_int8_rows(weight), (data, scale))
+
+
 @pytest.mark.parametrize(
     "weight",
     [
@@ -73,6 +84,7 @@ def test_torchao_bytes(dtype, shape):
 def test_other_weights_are_left_to_the_library(weight):
     assert int8_rows.quanto_int8_rows(weight) is None
     assert int8_rows.torchao_int8_rows(weight) is None
+    assert int8_rows.bitsandbytes_int8_rows(weight) is None
 
 
 def bf16_linear() -> nn.Linear:
@@ -105,6 +117,10 @@ def test_backends_take_the_kernel(no_row_blocks, assert_same_state):
     theirs.freeze()
     assert_same_state(layer, theirs)
 
+    layer = get_backend("bitsandbytes_8bit").quantize("layer", bf16_linear(), BitsAndBytesConfig(load_in_8bit=True), CPU)
+    data, scale, _ = bnb.functional.int8_vectorwise_quant(bf16_linear().weight.data.to(torch.float16))
+    assert torch.equal(layer.weight.data, data) and torch.equal(layer.weight.SCB.nan_to_num(), scale.nan_to_num())
+
 
 def test_a_disagreeing_kernel_hands_back_to_the_library(monkeypatch, assert_same_state):
     def off_by_one(kernel):
@@ -112,6 +128,7 @@ def test_a_disagreeing_kernel_hands_back_to_the_library(monkeypatch, assert_same
 
     monkeypatch.setattr(int8_rows, "quanto_int8_rows", off_by_one(int8_rows.quanto_int8_rows))
     monkeypatch.setattr(int8_rows, "torchao_int8_rows", off_by_one(int8_rows.torchao_int8_rows))
+    monkeypatch.setattr(int8_rows, "bitsandbytes_int8_rows", off_by_one(int8_rows.bitsandbytes_int8_rows))
 
     with pytest.warns(UserWarning, match="disagrees with this optimum-quanto version"):
         layer = get_backend("quanto").quantize("layer", bf16_linear(), QuantoConfig("int8"), CPU)
@@ -124,3 +141,8 @@ def test_a_disagreeing_kernel_hands_back_to_the_library(monkeypatch, assert_same
     theirs = nn.Sequential(bf16_linear())
     quantize_(theirs, Int8WeightOnlyConfig())
     assert torch.equal(layer.weight.qdata, theirs[0].weight.qdata)
+
+    with pytest.warns(UserWarning, match="disagrees with this bitsandbytes version"):
+        layer = get_backend("bitsandbytes_8bit").quantize("layer", bf16_linear(), BitsAndBytesConfig(load_in_8bit=True), CPU)
+    data, _, _ = bnb.functional.int8_vectorwise_quant(bf16_linear().weight.data.to(torch.float16))
+    assert torch.equal(layer.weight.data, data)

@@ -14,12 +14,10 @@
 
 #include <math.h>
 
-#include "ggml_common.h"
+#include "common.h"
 #include "parallel.h"
 
 #define MAX_BLOCKSIZE 4096
-
-enum source_dtype { FLOAT32 = 0, BFLOAT16 = 1, FLOAT16 = 2 };
 
 typedef struct {
     const void *source;
@@ -31,12 +29,6 @@ typedef struct {
     uint8_t *packed;
     float *absmax;
 } job;
-
-INLINE float element(const job *work, int64_t i) {
-    if (work->dtype == FLOAT32) return ((const float *)work->source)[i];
-    uint16_t bits = ((const uint16_t *)work->source)[i];
-    return work->dtype == BFLOAT16 ? from_bits((uint32_t)bits << 16) : half_to_float(bits);
-}
 
 INLINE int code_of(const job *work, float scaled) {
     int bucket = 0;
@@ -56,7 +48,7 @@ BLOCK_KERNEL static void run_blocks(void *context, int64_t begin, int64_t end) {
         const int length = (int)(work->count - start < work->blocksize ? work->count - start : work->blocksize);
         float absmax = 0.0f;
         for (int i = 0; i < length; i++) {
-            x[i] = element(work, start + i);
+            x[i] = source_value(work->source, work->dtype, start + i);
             const float magnitude = fabsf(x[i]);
             absmax = magnitude > absmax || magnitude != magnitude ? magnitude : absmax; /* a NaN sticks, as in max */
         }

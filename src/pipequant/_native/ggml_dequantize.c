@@ -14,7 +14,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#include "ggml_common.h"
+#include "common.h"
 #include "parallel.h"
 
 /* --- one block each, into `y` (block-size floats) --- */

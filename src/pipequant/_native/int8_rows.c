@@ -1,4 +1,4 @@
-/* Per-row symmetric int8 quantization in one pass, with quanto's and torchao's exact arithmetic.
+/* Per-row symmetric int8 quantization in one pass, with quanto's, torchao's and bitsandbytes' exact arithmetic.
  *
  * Used by pipequant/backends/int8_rows.py, which documents why and checks the bytes. Each function
  * takes raw pointers to contiguous CPU buffers (a torch tensor's data_ptr()), a row-major weight of
@@ -16,6 +16,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "common.h"
 #include "parallel.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -25,35 +26,23 @@
 #define ROW_KERNEL
 #endif
 
-static inline float from_bits(uint32_t bits) {
-    float value;
-    memcpy(&value, &bits, sizeof value);
-    return value;
-}
-
-static inline uint32_t to_bits(float value) {
-    uint32_t bits;
-    memcpy(&bits, &value, sizeof bits);
-    return bits;
-}
-
 /* the float rounded to the nearest bfloat16, ties to even, as torch rounds a bf16 result. No NaN
  * case: the NaNs arithmetic makes here are quiet (bit 22 set), so they stay NaN or become -0, and
  * to_int8 sends both to 0, as torch does with the NaN. */
-static inline float round_to_bf16(float value) {
+INLINE float round_to_bf16(float value) {
     uint32_t bits = to_bits(value);
     bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
     return from_bits(bits);
 }
 
 /* round half to even, clamp to [-128, 127]; NaN becomes 0, as torch's cast of a NaN does here */
-static inline int8_t to_int8(float value) {
+INLINE int8_t to_int8(float value) {
     float rounded = rintf(value);
     float clamped = rounded < -128.0f ? -128.0f : (rounded > 127.0f ? 127.0f : rounded);
     return value == value ? (int8_t)(int32_t)clamped : 0;
 }
 
-enum library { QUANTO, TORCHAO };
+enum library { QUANTO, TORCHAO, BITSANDBYTES };
 
 typedef struct {
     enum library library;
@@ -114,11 +103,34 @@ ROW_KERNEL static void float32_row(enum library library, const uint32_t *row, in
     }
 }
 
+/* bitsandbytes (LLM.int8, as Linear8bitLt stores it): the weight rounded to float16 first, as
+ * pipequant hands it over; scale = the row's absmax in float32, data = round(weight * multiplier)
+ * with multiplier = (1 / absmax) * 127, the two roundings of torch's 127.0 / tensor. */
+ROW_KERNEL static void bitsandbytes_row(const void *row, int bf16, int64_t columns, int8_t *data, float *scale_out,
+                                        int64_t index) {
+    float largest = 0.0f;
+    for (int64_t c = 0; c < columns; c++) {
+        const float value = bf16 ? from_bits((uint32_t)((const uint16_t *)row)[c] << 16) : ((const float *)row)[c];
+        const float magnitude = fabsf(half_to_float(half_from_float(value)));
+        largest = magnitude > largest || magnitude != magnitude ? magnitude : largest; /* a NaN sticks, as in max */
+    }
+    scale_out[index] = largest;
+    const float multiplier = (1.0f / largest) * 127.0f;
+    for (int64_t c = 0; c < columns; c++) {
+        const float value = bf16 ? from_bits((uint32_t)((const uint16_t *)row)[c] << 16) : ((const float *)row)[c];
+        data[c] = to_int8(half_to_float(half_from_float(value)) * multiplier);
+    }
+}
+
 static void run_rows(void *context, int64_t first_row, int64_t end_row) {
     const job *work = context;
     for (int64_t r = first_row; r < end_row; r++) {
         int8_t *data = work->data + r * work->columns;
-        if (work->bf16) {
+        if (work->library == BITSANDBYTES) {
+            const void *row = work->bf16 ? (const void *)((const uint16_t *)work->weight + r * work->columns)
+                                         : (const void *)((const uint32_t *)work->weight + r * work->columns);
+            bitsandbytes_row(row, work->bf16, work->columns, data, work->scale, r);
+        } else if (work->bf16) {
             bf16_row(work->library, (const uint16_t *)work->weight + r * work->columns, work->columns, data, work->scale, r);
         } else {
             float32_row(work->library, (const uint32_t *)work->weight + r * work->columns, work->columns, data, work->scale, r);
@@ -148,6 +160,11 @@ static PyObject *quanto_int8(PyObject *self, PyObject *args) {
     return quantize(QUANTO, args);
 }
 
+static PyObject *bitsandbytes_int8(PyObject *self, PyObject *args) {
+    (void)self;
+    return quantize(BITSANDBYTES, args);
+}
+
 static PyObject *torchao_int8(PyObject *self, PyObject *args) {
     (void)self;
     return quantize(TORCHAO, args);
@@ -158,6 +175,8 @@ static PyMethodDef methods[] = {
      "quanto_int8(weight_ptr, dtype_bits, rows, columns, data_ptr, scale_ptr, threads): quanto's int8 rows"},
     {"torchao_int8", torchao_int8, METH_VARARGS,
      "torchao_int8(weight_ptr, dtype_bits, rows, columns, data_ptr, scale_ptr, threads): torchao's int8 rows"},
+    {"bitsandbytes_int8", bitsandbytes_int8, METH_VARARGS,
+     "bitsandbytes_int8(weight_ptr, dtype_bits, rows, columns, data_ptr, scale_ptr, threads): LLM.int8 rows"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -12,7 +12,7 @@
 
 #include <math.h>
 
-#include "ggml_common.h"
+#include "common.h"
 #include "parallel.h"
 
 #define GROUP_MAX_EPS 1e-15f
@@ -29,20 +29,6 @@ INLINE int nearest_int(float value) {
     int32_t bits;
     memcpy(&bits, &shifted, sizeof bits);
     return (bits & 0x007FFFFF) - 0x00400000;
-}
-
-/* float -> IEEE half, round to nearest even (subnormals, overflow to inf, NaN kept a NaN) */
-INLINE uint16_t half_from_float(float value) {
-    uint32_t bits = to_bits(value);
-    uint16_t sign = (uint16_t)((bits >> 16) & 0x8000u);
-    bits &= 0x7FFFFFFFu;
-    if (bits >= 0x47800000u) return sign | (bits > 0x7F800000u ? 0x7E00u : 0x7C00u); /* >= 65536, inf, NaN */
-    if (bits < 0x38800000u) { /* below the smallest normal half: adding 0.5 lines the half's bits up, rounded */
-        return sign | (uint16_t)(to_bits(from_bits(bits) + 0.5f) - 0x3F000000u);
-    }
-    uint32_t odd = (bits >> 13) & 1u;
-    bits += 0xC8000FFFu + odd; /* exponent rebias by -112, plus rounding */
-    return sign | (uint16_t)(bits >> 13);
 }
 
 INLINE void store_half(uint8_t *out, float value) {
@@ -534,7 +520,6 @@ INLINE void quantize_q6_K(const float *x, uint8_t *out) {
 
 /* --- blocks of any input dtype, split between threads --- */
 
-enum source_dtype { FLOAT32 = 0, BFLOAT16 = 1, FLOAT16 = 2 };
 
 typedef struct {
     int type, block_bytes;

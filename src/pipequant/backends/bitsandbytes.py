@@ -17,7 +17,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from . import bnb_chunked, row_blocks
+from .. import kernels
+from . import bnb_chunked, int8_rows, row_blocks
 from .base import (
     Backend,
     BackendConfig,
@@ -304,6 +305,18 @@ def _int8_vectorwise_quant(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return int8_rows, row_scales
 
 
+def _compiled_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The LLM.int8 format by our compiled kernel (`int8_rows`), if it gives bitsandbytes' own bytes
+    on the first two rows (CPU only; None otherwise)."""
+    if weight.device.type != "cpu" or weight.dim() != 2:
+        return None
+    with kernels.torch_on_one_thread():
+        theirs = _int8_vectorwise_quant(weight[:2])
+    if not kernels.agrees(int8_rows.bitsandbytes_int8_rows(weight[:2]), theirs, "bitsandbytes"):
+        return None
+    return int8_rows.bitsandbytes_int8_rows(weight)
+
+
 class BitsAndBytes8bitBackend(Backend):
     name = "bitsandbytes_8bit"
     config_class = BitsAndBytesConfig
@@ -315,7 +328,9 @@ class BitsAndBytes8bitBackend(Backend):
         assert isinstance(config, BitsAndBytesConfig) and isinstance(module, nn.Linear)
         # Int8Params.to() quantizes only when moving off the CPU-resident copy; calling the
         # functional API directly works the same wherever the weight already is.
-        int8_weight, row_scales = row_blocks.quantize_by_rows(module.weight.data.to(device), _int8_vectorwise_quant, device)
+        weight = module.weight.data.to(device)
+        compiled = _compiled_int8(weight)
+        int8_weight, row_scales = compiled or row_blocks.quantize_by_rows(weight, _int8_vectorwise_quant, device)
         layer = _linear8bit(module, config, int8_weight, row_scales)
         _copy_bias(module, layer, device)
         return layer

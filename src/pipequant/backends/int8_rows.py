@@ -1,6 +1,7 @@
-"""Per-row symmetric int8 quantization in one compiled pass, with the exact bytes of quanto and torchao.
+"""Per-row symmetric int8 quantization in one compiled pass, with the exact bytes of quanto, torchao
+and bitsandbytes (LLM.int8).
 
-quanto's and torchao's int8 quantizers are chains of torch ops: abs, amax, a division, round,
+The libraries' int8 quantizers are chains of torch ops: abs, amax, a division, round,
 clamp, a cast; each streams the weight (or a float32 copy of it) through memory once more, and
 their temporaries are what make a streaming loader's peak memory drift. A compiled loop reads a
 row once (it stays in the L1 cache for the second look), writes only the int8 result, and
@@ -38,6 +39,13 @@ def torchao_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     """What torchao's `Int8Tensor.from_hp(weight, PerRow())` holds: (int8 data, float32 scale of
     shape (rows, 1)); its zero point is all zeros. None where this path does not apply."""
     return _run("torchao_int8", weight, torch.float32)
+
+
+def bitsandbytes_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """What bitsandbytes' `int8_vectorwise_quant` gives for the weight rounded to float16 (as
+    `Linear8bitLt` stores it): (int8 data, float32 absmax per row, shape (rows,))."""
+    fused = _run("bitsandbytes_int8", weight, torch.float32)
+    return None if fused is None else (fused[0], fused[1].view(-1))
 
 
 def _run(kernel: str, weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -1,7 +1,7 @@
-/* What the GGML kernels (kquants.c, ggml_dequantize.c) share: type numbers, float bit helpers, and
- * the macros that build their loops for several x86 targets. */
-#ifndef PIPEQUANT_GGML_COMMON_H
-#define PIPEQUANT_GGML_COMMON_H
+/* What the kernels share: GGML type numbers, float bit helpers (half and bfloat16 conversions as
+ * torch and numpy round them), and the macros that build their loops for several x86 targets. */
+#ifndef PIPEQUANT_COMMON_H
+#define PIPEQUANT_COMMON_H
 
 #include <stdint.h>
 #include <string.h>
@@ -43,6 +43,30 @@ INLINE float half_to_float(uint16_t half) {
     uint32_t bits = to_bits(magnitude);
     bits |= magnitude >= 65536.0f ? 0x7F800000u : 0u;
     return from_bits(bits | ((uint32_t)(half & 0x8000u) << 16));
+}
+
+/* float -> IEEE half, round to nearest even (subnormals, overflow to inf, NaN kept a NaN) */
+INLINE uint16_t half_from_float(float value) {
+    uint32_t bits = to_bits(value);
+    uint16_t sign = (uint16_t)((bits >> 16) & 0x8000u);
+    bits &= 0x7FFFFFFFu;
+    if (bits >= 0x47800000u) return sign | (bits > 0x7F800000u ? 0x7E00u : 0x7C00u); /* >= 65536, inf, NaN */
+    if (bits < 0x38800000u) { /* below the smallest normal half: adding 0.5 lines the half's bits up, rounded */
+        return sign | (uint16_t)(to_bits(from_bits(bits) + 0.5f) - 0x3F000000u);
+    }
+    uint32_t odd = (bits >> 13) & 1u;
+    bits += 0xC8000FFFu + odd; /* exponent rebias by -112, plus rounding */
+    return sign | (uint16_t)(bits >> 13);
+}
+
+/* the dtype of the weights a kernel reads, as the Python side numbers it */
+enum source_dtype { FLOAT32 = 0, BFLOAT16 = 1, FLOAT16 = 2 };
+
+/* element i of a float32, bfloat16 or float16 array, as float32 (exactly) */
+INLINE float source_value(const void *source, enum source_dtype dtype, int64_t i) {
+    if (dtype == FLOAT32) return ((const float *)source)[i];
+    const uint16_t bits = ((const uint16_t *)source)[i];
+    return dtype == BFLOAT16 ? from_bits((uint32_t)bits << 16) : half_to_float(bits);
 }
 
 INLINE float load_half(const uint8_t *in) { return half_to_float((uint16_t)(in[0] | (in[1] << 8))); }
