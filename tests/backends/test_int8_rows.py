@@ -146,3 +146,20 @@ def test_a_disagreeing_kernel_hands_back_to_the_library(monkeypatch, assert_same
         layer = get_backend("bitsandbytes_8bit").quantize("layer", bf16_linear(), BitsAndBytesConfig(load_in_8bit=True), CPU)
     data, _, _ = bnb.functional.int8_vectorwise_quant(bf16_linear().weight.data.to(torch.float16))
     assert torch.equal(layer.weight.data, data)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_float16_rounding_of_every_value(dtype):
+    """The bitsandbytes kernel rounds weights to float16 as torch does: each row holds one value (every
+    bf16 bit pattern; random float32 patterns, subnormals to overflow), so its scale is that value's |fp16|."""
+    if dtype == torch.bfloat16:
+        values = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    else:
+        generator = torch.Generator().manual_seed(3)
+        values = torch.randint(-(2**31), 2**31 - 1, (200_000,), generator=generator, dtype=torch.int32).view(torch.float32)
+        values = torch.cat((values, torch.tensor([65504.0, 65519.99, 65520.0, 6e-8, 2.9802322e-08, 2.9802326e-08])))
+    weight = torch.stack((values, torch.zeros_like(values)), 1)
+    _, scale = int8_rows.bitsandbytes_int8_rows(weight)
+    expected = values.to(torch.float16).float().abs()
+    assert torch.equal(scale.isnan(), expected.isnan())
+    assert torch.equal(scale.nan_to_num(), expected.nan_to_num())

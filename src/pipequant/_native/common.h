@@ -59,6 +59,20 @@ INLINE uint16_t half_from_float(float value) {
     return sign | (uint16_t)(bits >> 13);
 }
 
+/* the float rounded to the nearest float16 value (ties to even), as a float: what torch's
+ * .to(float16) keeps of it, computed without branches so that loops over it vectorize. Adding and
+ * subtracting c = 2^13 times the value's leading power of two (at least 2^-1, float16's subnormal
+ * spacing times 2^23) rounds at float16's spacing; from 65520 up the result is inf. A NaN stays NaN. */
+INLINE float round_to_half(float value) {
+    const uint32_t bits = to_bits(value);
+    const float magnitude = from_bits(bits & 0x7FFFFFFFu);
+    const float scaled_leading = from_bits(bits & 0x7F800000u) * 8192.0f;
+    const float c = scaled_leading > 0.5f ? scaled_leading : 0.5f;
+    const float rounded = (magnitude + c) - c;
+    const uint32_t result = to_bits(magnitude >= 65520.0f ? from_bits(0x7F800000u) : rounded);
+    return from_bits(result | (bits & 0x80000000u));
+}
+
 /* the dtype of the weights a kernel reads, as the Python side numbers it */
 enum source_dtype { FLOAT32 = 0, BFLOAT16 = 1, FLOAT16 = 2 };
 

@@ -106,30 +106,36 @@ ROW_KERNEL static void float32_row(enum library library, const uint32_t *row, in
 /* bitsandbytes (LLM.int8, as Linear8bitLt stores it): the weight rounded to float16 first, as
  * pipequant hands it over; scale = the row's absmax in float32, data = round(weight * multiplier)
  * with multiplier = (1 / absmax) * 127, the two roundings of torch's 127.0 / tensor. */
-ROW_KERNEL static void bitsandbytes_row(const void *row, int bf16, int64_t columns, int8_t *data, float *scale_out,
-                                        int64_t index) {
-    float largest = 0.0f;
-    for (int64_t c = 0; c < columns; c++) {
-        const float value = bf16 ? from_bits((uint32_t)((const uint16_t *)row)[c] << 16) : ((const float *)row)[c];
-        const float magnitude = fabsf(half_to_float(half_from_float(value)));
-        largest = magnitude > largest || magnitude != magnitude ? magnitude : largest; /* a NaN sticks, as in max */
+/* the row's values as float32: ROW_VALUE(c) for a bf16 (bits) or float32 row */
+#define BITSANDBYTES_ROW(name, element_type, ROW_VALUE)                                                            \
+    ROW_KERNEL static void name(const element_type *row, int64_t columns, int8_t *data, float *scale_out,         \
+                                int64_t index) {                                                                  \
+        uint32_t largest = 0; /* as bits: non-negative floats order like them, and a NaN is above inf */           \
+        for (int64_t c = 0; c < columns; c++) {                                                                    \
+            const uint32_t magnitude = to_bits(round_to_half(ROW_VALUE(c))) & 0x7FFFFFFFu;                         \
+            largest = magnitude > largest ? magnitude : largest;                                                   \
+        }                                                                                                          \
+        const float absmax = from_bits(largest);                                                                   \
+        scale_out[index] = absmax;                                                                                 \
+        const float multiplier = (1.0f / absmax) * 127.0f;                                                         \
+        for (int64_t c = 0; c < columns; c++) data[c] = to_int8(round_to_half(ROW_VALUE(c)) * multiplier);         \
     }
-    scale_out[index] = largest;
-    const float multiplier = (1.0f / largest) * 127.0f;
-    for (int64_t c = 0; c < columns; c++) {
-        const float value = bf16 ? from_bits((uint32_t)((const uint16_t *)row)[c] << 16) : ((const float *)row)[c];
-        data[c] = to_int8(half_to_float(half_from_float(value)) * multiplier);
-    }
-}
+
+#define BF16_VALUE(c) from_bits((uint32_t)row[c] << 16)
+#define FLOAT32_VALUE(c) from_bits(row[c])
+BITSANDBYTES_ROW(bitsandbytes_bf16_row, uint16_t, BF16_VALUE)
+BITSANDBYTES_ROW(bitsandbytes_float32_row, uint32_t, FLOAT32_VALUE)
 
 static void run_rows(void *context, int64_t first_row, int64_t end_row) {
     const job *work = context;
     for (int64_t r = first_row; r < end_row; r++) {
         int8_t *data = work->data + r * work->columns;
         if (work->library == BITSANDBYTES) {
-            const void *row = work->bf16 ? (const void *)((const uint16_t *)work->weight + r * work->columns)
-                                         : (const void *)((const uint32_t *)work->weight + r * work->columns);
-            bitsandbytes_row(row, work->bf16, work->columns, data, work->scale, r);
+            if (work->bf16) {
+                bitsandbytes_bf16_row((const uint16_t *)work->weight + r * work->columns, work->columns, data, work->scale, r);
+            } else {
+                bitsandbytes_float32_row((const uint32_t *)work->weight + r * work->columns, work->columns, data, work->scale, r);
+            }
         } else if (work->bf16) {
             bf16_row(work->library, (const uint16_t *)work->weight + r * work->columns, work->columns, data, work->scale, r);
         } else {
