@@ -26,4 +26,4 @@ def kernel(name: str) -> Extension:
     )
 
 
-setup(ext_modules=[kernel("int8_rows"), kernel("kquants"), kernel("ggml_dequantize"), kernel("bnb4")])
+setup(ext_modules=[kernel(name) for name in ("int8_rows", "bnb4", "kquants", "ggml_legacy", "ggml_dequantize")])

@@ -27,7 +27,7 @@ import torch
 from gguf.constants import QK_K, GGMLQuantizationType
 
 from ...kernels import compiled
-from .quants import GGMLQuant, absmax_signed, div, fp16_bytes, fp16_value, pack_bits, result_buffer, scale_into, unpack_bits
+from .quants import GGMLQuant, absmax_signed, div, fp16_bytes, fp16_value, pack_bits, scale_into, unpack_bits
 
 _kquants = compiled("kquants")
 
@@ -293,26 +293,13 @@ def _unpack_k4_scales(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc, mn
 
 
-_SOURCE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-
-
 class _KQuant(GGMLQuant):
     """A K-quant type. On CPU, quantization runs llama.cpp's reference algorithm compiled
     (`pipequant/_native/kquants.c`: the same bytes as the torch code here, 10-25x faster on
     one core, and spread over torch's threads); on other devices, or without the compiled
     module, the torch code below."""
 
-    @classmethod
-    def quantize_rows(cls, rows: torch.Tensor) -> torch.Tensor:
-        if _kquants is None or rows.device.type != "cpu" or rows.dtype not in _SOURCE_DTYPES:
-            return super().quantize_rows(rows)
-        source = rows.contiguous()
-        blocks = source.numel() // QK_K
-        out = result_buffer((blocks, cls.type_size), torch.uint8, source.device)
-        _kquants.quantize(
-            int(cls.qtype), source.data_ptr(), _SOURCE_DTYPES[source.dtype], blocks, out.data_ptr(), torch.get_num_threads()
-        )
-        return out.view(rows.shape[0], -1)
+    compiled_quantizer = _kquants
 
 
 class _SuperblockQuant(_KQuant):

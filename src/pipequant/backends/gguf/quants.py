@@ -21,9 +21,10 @@ needs some care because torch is not numpy/C:
 Tensors are processed in chunks of blocks sized for the CPU caches, and on CPU in one
 thread (see :func:`_serial_cpu` for why).
 
-On CPU, dequantization and the K-quant quantizers run compiled kernels instead
-(``src/pipequant/_native``) that give the same values; these torch codecs run on other
-devices (and without the kernels) and remain the readable statement of each layout.
+On CPU, dequantization and the block-type quantizers (Q8_0..Q5_1, the K-quants) run
+compiled kernels instead (``src/pipequant/_native``) that give the same bytes; these torch
+codecs run on other devices (and without the kernels) and remain the readable statement of
+each layout.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from types import ModuleType
 from typing import ClassVar
 
 import numpy as np
@@ -40,6 +42,10 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from ...kernels import compiled
 
 _ggml_dequantize = compiled("ggml_dequantize")
+_ggml_legacy = compiled("ggml_legacy")
+
+#: the source dtypes the compiled quantizers read, numbered as they take them
+_SOURCE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 QuantType = str | GGMLQuantizationType
 
@@ -225,6 +231,9 @@ class GGMLQuant(ABC):
     type_size: ClassVar[int]
     quantize_chunk: ClassVar[int] = 8192
     dequantize_chunk: ClassVar[int] = 8192
+    #: the compiled module whose ``quantize`` encodes this type on CPU, with the same bytes
+    #: (``pipequant/_native``); None: the torch code below everywhere
+    compiled_quantizer: ClassVar[ModuleType | None] = None
 
     def __init_subclass__(cls, qtype: GGMLQuantizationType | None = None, **kwargs: object) -> None:
         """Register a concrete codec; intermediate helper classes pass no ``qtype``."""
@@ -252,6 +261,13 @@ class GGMLQuant(ABC):
     def quantize_rows(cls, rows: torch.Tensor) -> torch.Tensor:
         """``(r, k)`` floats -> ``(r, k // block_size * type_size)`` uint8."""
         out = result_buffer((rows.numel() // cls.block_size, cls.type_size), torch.uint8, rows.device)
+        if cls.compiled_quantizer is not None and rows.device.type == "cpu" and rows.dtype in _SOURCE_DTYPES:
+            source = rows.contiguous()
+            cls.compiled_quantizer.quantize(
+                int(cls.qtype), source.data_ptr(), _SOURCE_DTYPES[source.dtype], out.shape[0], out.data_ptr(),
+                torch.get_num_threads(),
+            )
+            return out.view(rows.shape[0], -1)
         step = cls.quantize_chunk
         with _serial_cpu(rows.device):
             blocks = rows.reshape(-1, cls.block_size)
@@ -336,6 +352,8 @@ def _inverse(d: torch.Tensor) -> torch.Tensor:
 
 
 class Q8_0(GGMLQuant, qtype=GGMLQuantizationType.Q8_0):
+    compiled_quantizer = _ggml_legacy
+
     @classmethod
     def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
         d = div(blocks.abs().amax(1, keepdim=True), 127.0)
@@ -353,6 +371,8 @@ def _nibbles(q: torch.Tensor) -> torch.Tensor:
 
 
 class Q4_0(GGMLQuant, qtype=GGMLQuantizationType.Q4_0):
+    compiled_quantizer = _ggml_legacy
+
     @classmethod
     def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
         d = div(absmax_signed(blocks, 1), -8.0)
@@ -366,6 +386,8 @@ class Q4_0(GGMLQuant, qtype=GGMLQuantizationType.Q4_0):
 
 
 class Q4_1(GGMLQuant, qtype=GGMLQuantizationType.Q4_1):
+    compiled_quantizer = _ggml_legacy
+
     @classmethod
     def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
         lo, hi = min_max(blocks)
@@ -401,6 +423,8 @@ def _unpack_q5(qh: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
 
 
 class Q5_0(GGMLQuant, qtype=GGMLQuantizationType.Q5_0):
+    compiled_quantizer = _ggml_legacy
+
     @classmethod
     def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
         d = div(absmax_signed(blocks, 1), -16.0)
@@ -414,6 +438,8 @@ class Q5_0(GGMLQuant, qtype=GGMLQuantizationType.Q5_0):
 
 
 class Q5_1(GGMLQuant, qtype=GGMLQuantizationType.Q5_1):
+    compiled_quantizer = _ggml_legacy
+
     @classmethod
     def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
         lo, hi = min_max(blocks)

@@ -1,0 +1,182 @@
+/* GGML's 32-weight block quantizers (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1), with gguf-py's exact bytes.
+ *
+ * Used by pipequant/backends/gguf/quants.py on CPU (its torch codecs, which give the same bytes,
+ * run elsewhere). The arithmetic is gguf-py's (gguf/quants.py), in float32 and in its order:
+ *   Q8_0: d = absmax / 127, q = roundf(x * (1 / d)) (half away from zero);
+ *   Q4_0 / Q5_0: m = the value of largest magnitude (the first on ties), d = m / -8 (-16),
+ *         q = trunc(x * (1 / d) + 8.5 (16.5)), at most 15 (31);
+ *   Q4_1 / Q5_1: d = (max - min) / 15 (31), q = trunc((x - min) * (1 / d) + 0.5), at most 15 (31);
+ * with 1 / d taken as 0 where d is 0, and the scales stored as float16 (nearest even).
+ * Blocks are split between threads (parallel.h).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+
+#include "common.h"
+#include "parallel.h"
+
+#define QK 32
+
+typedef struct {
+    int type, block_bytes;
+    const void *source;
+    enum source_dtype dtype;
+    uint8_t *out;
+} job;
+
+INLINE void store_half(uint8_t *out, float value) {
+    const uint16_t half = half_from_float(value);
+    out[0] = (uint8_t)(half & 0xFF);
+    out[1] = (uint8_t)(half >> 8);
+}
+
+INLINE float inverse_or_zero(float d) { return d == 0.0f ? 0.0f : 1.0f / d; }
+
+/* the value of largest magnitude, the first one on ties (numpy's argmax of abs) */
+INLINE float signed_absmax(const float *x) {
+    float largest = x[0], magnitude = fabsf(x[0]);
+    for (int i = 1; i < QK; i++) {
+        if (fabsf(x[i]) > magnitude) {
+            magnitude = fabsf(x[i]);
+            largest = x[i];
+        }
+    }
+    return largest;
+}
+
+/* min and max, the first one on ties (so the sign of a zero is the first zero's) */
+INLINE void min_max(const float *x, float *min, float *max) {
+    *min = *max = x[0];
+    for (int i = 1; i < QK; i++) {
+        if (x[i] < *min) *min = x[i];
+        if (x[i] > *max) *max = x[i];
+    }
+}
+
+/* q of the 32 weights: the low 4 bits packed two per byte, then (5-bit types) the high bits */
+INLINE void pack_nibbles(const uint8_t *q, uint8_t *out) {
+    for (int i = 0; i < QK / 2; i++) out[i] = (uint8_t)((q[i] & 0xF) | (q[i + QK / 2] << 4));
+}
+
+INLINE void pack_high_bits(const uint8_t *q, uint8_t *out) {
+    uint32_t bits = 0;
+    for (int i = 0; i < QK; i++) bits |= (uint32_t)(q[i] >> 4) << i;
+    for (int k = 0; k < 4; k++) out[k] = (uint8_t)(bits >> (8 * k));
+}
+
+INLINE void q8_0(const float *x, uint8_t *out) {
+    float absmax = 0.0f;
+    for (int i = 0; i < QK; i++) absmax = fabsf(x[i]) > absmax ? fabsf(x[i]) : absmax;
+    const float d = absmax / 127;
+    const float id = inverse_or_zero(d);
+    for (int i = 0; i < QK; i++) {
+        const float v = x[i] * id;
+        const float a = fabsf(v);
+        const float floored = floorf(a);
+        const float rounded = floored + floorf(2 * (a - floored)); /* gguf-py's np_roundf */
+        out[2 + i] = (uint8_t)(int8_t)(v < 0 ? -rounded : rounded);
+    }
+    store_half(out, d);
+}
+
+/* Q4_0 (levels 16) and Q5_0 (levels 32) */
+INLINE void symmetric(const float *x, uint8_t *out, int levels) {
+    uint8_t q[QK];
+    const float d = signed_absmax(x) / (float)(-levels / 2);
+    const float id = inverse_or_zero(d);
+    const float offset = (float)(levels / 2) + 0.5f;
+    for (int i = 0; i < QK; i++) {
+        const int level = (int)truncf(x[i] * id + offset);
+        q[i] = (uint8_t)(level < levels - 1 ? level : levels - 1);
+    }
+    store_half(out, d);
+    if (levels == 16) {
+        pack_nibbles(q, out + 2);
+    } else {
+        pack_high_bits(q, out + 2);
+        pack_nibbles(q, out + 6);
+    }
+}
+
+/* Q4_1 (levels 16) and Q5_1 (levels 32) */
+INLINE void with_min(const float *x, uint8_t *out, int levels) {
+    uint8_t q[QK];
+    float min, max;
+    min_max(x, &min, &max);
+    const float d = (max - min) / (float)(levels - 1);
+    const float id = inverse_or_zero(d);
+    for (int i = 0; i < QK; i++) {
+        const int level = (int)truncf((x[i] - min) * id + 0.5f);
+        q[i] = (uint8_t)(level < levels - 1 ? level : levels - 1);
+    }
+    store_half(out, d);
+    store_half(out + 2, min);
+    if (levels == 16) {
+        pack_nibbles(q, out + 4);
+    } else {
+        pack_high_bits(q, out + 4);
+        pack_nibbles(q, out + 8);
+    }
+}
+
+INLINE const float *source_block(const job *work, int64_t b, float *x) {
+    if (work->dtype == FLOAT32) return (const float *)work->source + b * QK;
+    for (int i = 0; i < QK; i++) x[i] = source_value(work->source, work->dtype, b * QK + i);
+    return x;
+}
+
+BLOCK_KERNEL static void run_blocks(void *context, int64_t begin, int64_t end) {
+    const job *work = context;
+    float x[QK];
+    for (int64_t b = begin; b < end; b++) {
+        const float *block = source_block(work, b, x);
+        uint8_t *out = work->out + b * work->block_bytes;
+        switch (work->type) {
+            case Q8_0: q8_0(block, out); break;
+            case Q4_0: symmetric(block, out, 16); break;
+            case Q5_0: symmetric(block, out, 32); break;
+            case Q4_1: with_min(block, out, 16); break;
+            default: with_min(block, out, 32);
+        }
+    }
+}
+
+static PyObject *quantize(PyObject *self, PyObject *args) {
+    (void)self;
+    int type, dtype, threads;
+    unsigned long long source, out;
+    Py_ssize_t blocks;
+    if (!PyArg_ParseTuple(args, "iKinKi", &type, &source, &dtype, &blocks, &out, &threads)) return NULL;
+    job work = {type, 0, (const void *)(uintptr_t)source, (enum source_dtype)dtype, (uint8_t *)(uintptr_t)out};
+    switch (type) {
+        case Q8_0: work.block_bytes = 34; break;
+        case Q4_0: work.block_bytes = 18; break;
+        case Q4_1: work.block_bytes = 20; break;
+        case Q5_0: work.block_bytes = 22; break;
+        case Q5_1: work.block_bytes = 24; break;
+        default: PyErr_Format(PyExc_ValueError, "GGML type %d is not a 32-weight block type", type); return NULL;
+    }
+    if (dtype < FLOAT32 || dtype > FLOAT16) {
+        PyErr_SetString(PyExc_ValueError, "the source must be float32 (0), bfloat16 (1) or float16 (2)");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    run_parallel(run_blocks, &work, blocks, threads);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"quantize", quantize, METH_VARARGS,
+     "quantize(ggml_type, source_ptr, source_dtype, blocks, out_ptr, threads): blocks of 32 weights "
+     "(float32 0, bfloat16 1, float16 2) into Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 blocks"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_ggml_legacy", "GGML 32-weight block quantizers.", -1, methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__ggml_legacy(void) { return PyModule_Create(&module); }
