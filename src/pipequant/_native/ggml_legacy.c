@@ -2,7 +2,7 @@
  *
  * Used by pipequant/backends/gguf/quants.py on CPU (its torch codecs, which give the same bytes,
  * run elsewhere). The arithmetic is gguf-py's (gguf/quants.py), in float32 and in its order:
- *   Q8_0: d = absmax / 127, q = roundf(x * (1 / d)) (half away from zero);
+ *   Q8_0: d = absmax / 127, q = roundf(x * (1 / d)) (half away from zero, as np_roundf);
  *   Q4_0 / Q5_0: m = the value of largest magnitude (the first on ties), d = m / -8 (-16),
  *         q = trunc(x * (1 / d) + 8.5 (16.5)), at most 15 (31);
  *   Q4_1 / Q5_1: d = (max - min) / 15 (31), q = trunc((x - min) * (1 / d) + 0.5), at most 15 (31);
@@ -67,17 +67,22 @@ INLINE void pack_high_bits(const uint8_t *q, uint8_t *out) {
 }
 
 INLINE void q8_0(const float *x, uint8_t *out) {
-    float absmax = 0.0f;
-    for (int i = 0; i < QK; i++) absmax = fabsf(x[i]) > absmax ? fabsf(x[i]) : absmax;
-    const float d = absmax / 127;
-    const float id = inverse_or_zero(d);
+    uint32_t largest = 0; /* |x| as bits: non-negative floats order like them */
     for (int i = 0; i < QK; i++) {
-        const float v = x[i] * id;
-        const float a = fabsf(v);
-        const float floored = floorf(a);
-        const float rounded = floored + floorf(2 * (a - floored)); /* gguf-py's np_roundf */
-        out[2 + i] = (uint8_t)(int8_t)(v < 0 ? -rounded : rounded);
+        const uint32_t magnitude = to_bits(x[i]) & 0x7FFFFFFFu;
+        largest = magnitude > largest ? magnitude : largest;
     }
+    const float d = from_bits(largest) / 127;
+    const float id = inverse_or_zero(d);
+    int8_t q[QK];
+    for (int i = 0; i < QK; i++) {
+        /* gguf-py's np_roundf, half away from zero: adding the float just below 0.5 and truncating is
+         * exact for every float (the sum rounds up exactly when the fraction is 0.5 or more) */
+        const float v = x[i] * id;
+        const int32_t rounded = (int32_t)(fabsf(v) + 0.49999997f);
+        q[i] = (int8_t)(v < 0 ? -rounded : rounded);
+    }
+    memcpy(out + 2, q, QK);
     store_half(out, d);
 }
 
@@ -88,7 +93,7 @@ INLINE void symmetric(const float *x, uint8_t *out, int levels) {
     const float id = inverse_or_zero(d);
     const float offset = (float)(levels / 2) + 0.5f;
     for (int i = 0; i < QK; i++) {
-        const int level = (int)truncf(x[i] * id + offset);
+        const int32_t level = (int32_t)(x[i] * id + offset); /* trunc: the sum is never negative */
         q[i] = (uint8_t)(level < levels - 1 ? level : levels - 1);
     }
     store_half(out, d);
@@ -108,7 +113,7 @@ INLINE void with_min(const float *x, uint8_t *out, int levels) {
     const float d = (max - min) / (float)(levels - 1);
     const float id = inverse_or_zero(d);
     for (int i = 0; i < QK; i++) {
-        const int level = (int)truncf((x[i] - min) * id + 0.5f);
+        const int32_t level = (int32_t)((x[i] - min) * id + 0.5f); /* trunc: the sum is never negative */
         q[i] = (uint8_t)(level < levels - 1 ? level : levels - 1);
     }
     store_half(out, d);
@@ -121,9 +126,15 @@ INLINE void with_min(const float *x, uint8_t *out, int levels) {
     }
 }
 
+/* block b as float32 (in place when the source is float32), one loop per dtype so each vectorizes */
 INLINE const float *source_block(const job *work, int64_t b, float *x) {
     if (work->dtype == FLOAT32) return (const float *)work->source + b * QK;
-    for (int i = 0; i < QK; i++) x[i] = source_value(work->source, work->dtype, b * QK + i);
+    const uint16_t *source = (const uint16_t *)work->source + b * QK;
+    if (work->dtype == BFLOAT16) {
+        for (int i = 0; i < QK; i++) x[i] = from_bits((uint32_t)source[i] << 16);
+    } else {
+        for (int i = 0; i < QK; i++) x[i] = half_to_float(source[i]);
+    }
     return x;
 }
 
