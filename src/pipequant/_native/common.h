@@ -83,6 +83,13 @@ INLINE float source_value(const void *source, enum source_dtype dtype, int64_t i
     return dtype == BFLOAT16 ? from_bits((uint32_t)bits << 16) : half_to_float(bits);
 }
 
+/* a float16 field of a block, little-endian, rounded to nearest even */
+INLINE void store_half(uint8_t *out, float value) {
+    const uint16_t half = half_from_float(value);
+    out[0] = (uint8_t)(half & 0xFF);
+    out[1] = (uint8_t)(half >> 8);
+}
+
 INLINE float load_half(const uint8_t *in) { return half_to_float((uint16_t)(in[0] | (in[1] << 8))); }
 
 #endif

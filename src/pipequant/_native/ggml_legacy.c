@@ -26,12 +26,6 @@ typedef struct {
     uint8_t *out;
 } job;
 
-INLINE void store_half(uint8_t *out, float value) {
-    const uint16_t half = half_from_float(value);
-    out[0] = (uint8_t)(half & 0xFF);
-    out[1] = (uint8_t)(half >> 8);
-}
-
 INLINE float inverse_or_zero(float d) { return d == 0.0f ? 0.0f : 1.0f / d; }
 
 /* the value of largest magnitude, the first one on ties (numpy's argmax of abs) */

@@ -31,13 +31,6 @@ INLINE int nearest_int(float value) {
     return (bits & 0x007FFFFF) - 0x00400000;
 }
 
-INLINE void store_half(uint8_t *out, float value) {
-    uint16_t half = half_from_float(value);
-    out[0] = (uint8_t)(half & 0xFF);
-    out[1] = (uint8_t)(half >> 8);
-}
-
-
 /* --- the searches for one sub-block's scale (and min) --- */
 
 /* Eight sub-blocks at a time, one per vector lane (GCC vector extensions: one AVX2 register where
