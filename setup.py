@@ -14,16 +14,24 @@ from setuptools import Extension, setup
 FLAGS = ["-O3", "-std=c11", "-pthread", "-ffp-contract=off", "-Wno-psabi"]
 
 
-def kernel(name: str) -> Extension:
+def kernel(name: str, *parts: str) -> Extension:
+    """The module pipequant._<name>, built from _native/<name>.c and the named other parts."""
     return Extension(
         f"pipequant._{name}",
-        [f"src/pipequant/_native/{name}.c"],
+        [f"src/pipequant/_native/{source}.c" for source in (name, *parts)],
         include_dirs=["src/pipequant/_native"],
-        depends=["src/pipequant/_native/parallel.h", "src/pipequant/_native/common.h"],
+        depends=[f"src/pipequant/_native/{header}.h" for header in ("parallel", "common", "ggml_quantize")],
         extra_compile_args=FLAGS,
         extra_link_args=["-pthread"],
         optional=True,
     )
 
 
-setup(ext_modules=[kernel(name) for name in ("int8_rows", "bnb4", "kquants", "ggml_legacy", "ggml_dequantize")])
+setup(
+    ext_modules=[
+        kernel("int8_rows"),
+        kernel("bnb4"),
+        kernel("ggml_quantize", "ggml_legacy", "kquants"),
+        kernel("ggml_dequantize"),
+    ]
+)

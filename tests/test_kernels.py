@@ -7,7 +7,7 @@ import pytest
 from pipequant.kernels import compiled
 
 
-@pytest.mark.parametrize("name", ["int8_rows", "bnb4", "kquants", "ggml_legacy", "ggml_dequantize"])
+@pytest.mark.parametrize("name", ["int8_rows", "bnb4", "ggml_quantize", "ggml_dequantize"])
 def test_every_kernel_is_built(name):
     """setup.py builds them optionally; on a machine with a compiler (CI's) each must be there."""
     assert compiled(name) is not None

@@ -7,24 +7,13 @@
  *         q = trunc(x * (1 / d) + 8.5 (16.5)), at most 15 (31);
  *   Q4_1 / Q5_1: d = (max - min) / 15 (31), q = trunc((x - min) * (1 / d) + 0.5), at most 15 (31);
  * with 1 / d taken as 0 where d is 0, and the scales stored as float16 (nearest even).
- * Blocks are split between threads (parallel.h).
+ * ggml_quantize.c splits the blocks between threads.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-
 #include <math.h>
 
-#include "common.h"
-#include "parallel.h"
+#include "ggml_quantize.h"
 
 #define QK 32
-
-typedef struct {
-    int type, block_bytes;
-    const void *source;
-    enum source_dtype dtype;
-    uint8_t *out;
-} job;
 
 INLINE float inverse_or_zero(float d) { return d == 0.0f ? 0.0f : 1.0f / d; }
 
@@ -121,7 +110,7 @@ INLINE void with_min(const float *x, uint8_t *out, int levels) {
 }
 
 /* block b as float32 (in place when the source is float32), one loop per dtype so each vectorizes */
-INLINE const float *source_block(const job *work, int64_t b, float *x) {
+INLINE const float *source_block(const quantize_job *work, int64_t b, float *x) {
     if (work->dtype == FLOAT32) return (const float *)work->source + b * QK;
     const uint16_t *source = (const uint16_t *)work->source + b * QK;
     if (work->dtype == BFLOAT16) {
@@ -132,8 +121,19 @@ INLINE const float *source_block(const job *work, int64_t b, float *x) {
     return x;
 }
 
-BLOCK_KERNEL static void run_blocks(void *context, int64_t begin, int64_t end) {
-    const job *work = context;
+int legacy_block_bytes(int type) {
+    switch (type) {
+        case Q8_0: return 34;
+        case Q4_0: return 18;
+        case Q4_1: return 20;
+        case Q5_0: return 22;
+        case Q5_1: return 24;
+        default: return 0;
+    }
+}
+
+BLOCK_KERNEL void run_legacy_blocks(void *context, int64_t begin, int64_t end) {
+    const quantize_job *work = context;
     float x[QK];
     for (int64_t b = begin; b < end; b++) {
         const float *block = source_block(work, b, x);
@@ -147,41 +147,3 @@ BLOCK_KERNEL static void run_blocks(void *context, int64_t begin, int64_t end) {
         }
     }
 }
-
-static PyObject *quantize(PyObject *self, PyObject *args) {
-    (void)self;
-    int type, dtype, threads;
-    unsigned long long source, out;
-    Py_ssize_t blocks;
-    if (!PyArg_ParseTuple(args, "iKinKi", &type, &source, &dtype, &blocks, &out, &threads)) return NULL;
-    job work = {type, 0, (const void *)(uintptr_t)source, (enum source_dtype)dtype, (uint8_t *)(uintptr_t)out};
-    switch (type) {
-        case Q8_0: work.block_bytes = 34; break;
-        case Q4_0: work.block_bytes = 18; break;
-        case Q4_1: work.block_bytes = 20; break;
-        case Q5_0: work.block_bytes = 22; break;
-        case Q5_1: work.block_bytes = 24; break;
-        default: PyErr_Format(PyExc_ValueError, "GGML type %d is not a 32-weight block type", type); return NULL;
-    }
-    if (dtype < FLOAT32 || dtype > FLOAT16) {
-        PyErr_SetString(PyExc_ValueError, "the source must be float32 (0), bfloat16 (1) or float16 (2)");
-        return NULL;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    run_parallel(run_blocks, &work, blocks, threads);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
-}
-
-static PyMethodDef methods[] = {
-    {"quantize", quantize, METH_VARARGS,
-     "quantize(ggml_type, source_ptr, source_dtype, blocks, out_ptr, threads): blocks of 32 weights "
-     "(float32 0, bfloat16 1, float16 2) into Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 blocks"},
-    {NULL, NULL, 0, NULL},
-};
-
-static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_ggml_legacy", "GGML 32-weight block quantizers.", -1, methods, NULL, NULL, NULL, NULL,
-};
-
-PyMODINIT_FUNC PyInit__ggml_legacy(void) { return PyModule_Create(&module); }

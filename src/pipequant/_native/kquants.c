@@ -4,16 +4,12 @@
  * Used by pipequant/backends/gguf/kquants.py, which keeps the torch version of the same algorithm
  * for other devices and explains the block layouts. Written as plain scalar C in the reference's
  * order of float operations, so the bytes are llama.cpp's; built with -ffp-contract=off (no fused
- * multiply-adds) like llama.cpp's x86-64 reference. The work is split by superblocks of 256 weights
- * between threads (parallel.h).
+ * multiply-adds) like llama.cpp's x86-64 reference. ggml_quantize.c splits the superblocks of 256
+ * weights between threads.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-
 #include <math.h>
 
-#include "common.h"
-#include "parallel.h"
+#include "ggml_quantize.h"
 
 #define GROUP_MAX_EPS 1e-15f
 
@@ -514,15 +510,8 @@ INLINE void quantize_q6_K(const float *x, uint8_t *out) {
 /* --- blocks of any input dtype, split between threads --- */
 
 
-typedef struct {
-    int type, block_bytes;
-    const void *source;
-    enum source_dtype dtype;
-    uint8_t *out;
-} job;
-
 /* superblock b of the source as float32 (in place when it is float32 already) */
-INLINE const float *source_block(const job *work, int64_t b, float *x) {
+INLINE const float *source_block(const quantize_job *work, int64_t b, float *x) {
     if (work->dtype == FLOAT32) return (const float *)work->source + b * QK_K;
     const uint16_t *source = (const uint16_t *)work->source + b * QK_K;
     if (work->dtype == BFLOAT16) {
@@ -533,15 +522,26 @@ INLINE const float *source_block(const job *work, int64_t b, float *x) {
     return x;
 }
 
-/* each type's loop written out, so that its quantizer is inlined into every clone of run_blocks */
+/* each type's loop written out, so that its quantizer is inlined into every clone of run_kquant_blocks */
 #define EACH_BLOCK(quantize_block)                                                          \
     for (int64_t b = begin; b < end; b++) {                                                 \
         quantize_block(source_block(work, b, x), work->out + b * work->block_bytes);        \
     }                                                                                       \
     break;
 
-BLOCK_KERNEL static void run_blocks(void *context, int64_t begin, int64_t end) {
-    const job *work = context;
+int kquant_block_bytes(int type) {
+    switch (type) {
+        case Q2_K: return Q2_K_BYTES;
+        case Q3_K: return Q3_K_BYTES;
+        case Q4_K: return Q4_K_BYTES;
+        case Q5_K: return Q5_K_BYTES;
+        case Q6_K: return Q6_K_BYTES;
+        default: return 0;
+    }
+}
+
+BLOCK_KERNEL void run_kquant_blocks(void *context, int64_t begin, int64_t end) {
+    const quantize_job *work = context;
     float x[QK_K];
     switch (work->type) {
         case Q2_K: EACH_BLOCK(quantize_q2_K)
@@ -551,41 +551,3 @@ BLOCK_KERNEL static void run_blocks(void *context, int64_t begin, int64_t end) {
         default: EACH_BLOCK(quantize_q6_K)
     }
 }
-
-static PyObject *quantize(PyObject *self, PyObject *args) {
-    (void)self;
-    int type, dtype, threads;
-    unsigned long long source, out;
-    Py_ssize_t blocks;
-    if (!PyArg_ParseTuple(args, "iKinKi", &type, &source, &dtype, &blocks, &out, &threads)) return NULL;
-    job work = {type, 0, (const void *)(uintptr_t)source, (enum source_dtype)dtype, (uint8_t *)(uintptr_t)out};
-    switch (type) {
-        case Q2_K: work.block_bytes = Q2_K_BYTES; break;
-        case Q3_K: work.block_bytes = Q3_K_BYTES; break;
-        case Q4_K: work.block_bytes = Q4_K_BYTES; break;
-        case Q5_K: work.block_bytes = Q5_K_BYTES; break;
-        case Q6_K: work.block_bytes = Q6_K_BYTES; break;
-        default: PyErr_Format(PyExc_ValueError, "GGML type %d is not a K-quant", type); return NULL;
-    }
-    if (dtype < FLOAT32 || dtype > FLOAT16) {
-        PyErr_SetString(PyExc_ValueError, "the source must be float32 (0), bfloat16 (1) or float16 (2)");
-        return NULL;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    run_parallel(run_blocks, &work, blocks, threads);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
-}
-
-static PyMethodDef methods[] = {
-    {"quantize", quantize, METH_VARARGS,
-     "quantize(ggml_type, source_ptr, source_dtype, blocks, out_ptr, threads): superblocks of 256 weights "
-     "(float32 0, bfloat16 1, float16 2) into K-quant blocks"},
-    {NULL, NULL, 0, NULL},
-};
-
-static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_kquants", "llama.cpp's K-quant quantizers.", -1, methods, NULL, NULL, NULL, NULL,
-};
-
-PyMODINIT_FUNC PyInit__kquants(void) { return PyModule_Create(&module); }

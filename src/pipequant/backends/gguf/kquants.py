@@ -26,10 +26,7 @@ import numpy as np
 import torch
 from gguf.constants import QK_K, GGMLQuantizationType
 
-from ...kernels import compiled
-from .quants import GGMLQuant, absmax_signed, div, fp16_bytes, fp16_value, pack_bits, scale_into, unpack_bits
-
-_kquants = compiled("kquants")
+from .quants import GGMLQuant, block_quantizer, absmax_signed, div, fp16_bytes, fp16_value, pack_bits, scale_into, unpack_bits
 
 GROUP_MAX_EPS = 1e-15
 """Sub-blocks with max |x| below this are stored as zeros (ggml-quants.c)."""
@@ -299,7 +296,7 @@ class _KQuant(GGMLQuant):
     one core, and spread over torch's threads); on other devices, or without the compiled
     module, the torch code below."""
 
-    compiled_quantizer = _kquants
+    compiled_quantizer = block_quantizer
 
 
 class _SuperblockQuant(_KQuant):

@@ -42,7 +42,8 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from ...kernels import compiled
 
 _ggml_dequantize = compiled("ggml_dequantize")
-_ggml_legacy = compiled("ggml_legacy")
+#: the compiled quantizer of every block type on CPU (pipequant/_native/ggml_quantize.c), or None
+block_quantizer = compiled("ggml_quantize")
 
 #: the source dtypes the compiled quantizers read, numbered as they take them
 _SOURCE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -352,7 +353,7 @@ def _inverse(d: torch.Tensor) -> torch.Tensor:
 
 
 class Q8_0(GGMLQuant, qtype=GGMLQuantizationType.Q8_0):
-    compiled_quantizer = _ggml_legacy
+    compiled_quantizer = block_quantizer
 
     @classmethod
     def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
@@ -371,7 +372,7 @@ def _nibbles(q: torch.Tensor) -> torch.Tensor:
 
 
 class Q4_0(GGMLQuant, qtype=GGMLQuantizationType.Q4_0):
-    compiled_quantizer = _ggml_legacy
+    compiled_quantizer = block_quantizer
 
     @classmethod
     def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
@@ -386,7 +387,7 @@ class Q4_0(GGMLQuant, qtype=GGMLQuantizationType.Q4_0):
 
 
 class Q4_1(GGMLQuant, qtype=GGMLQuantizationType.Q4_1):
-    compiled_quantizer = _ggml_legacy
+    compiled_quantizer = block_quantizer
 
     @classmethod
     def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
@@ -423,7 +424,7 @@ def _unpack_q5(qh: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
 
 
 class Q5_0(GGMLQuant, qtype=GGMLQuantizationType.Q5_0):
-    compiled_quantizer = _ggml_legacy
+    compiled_quantizer = block_quantizer
 
     @classmethod
     def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
@@ -438,7 +439,7 @@ class Q5_0(GGMLQuant, qtype=GGMLQuantizationType.Q5_0):
 
 
 class Q5_1(GGMLQuant, qtype=GGMLQuantizationType.Q5_1):
-    compiled_quantizer = _ggml_legacy
+    compiled_quantizer = block_quantizer
 
     @classmethod
     def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
