@@ -10,10 +10,13 @@ from __future__ import annotations
 import contextlib
 import importlib
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import ModuleType
 
 import torch
+
+#: the dtypes of the weights the kernels read, numbered as `enum source_dtype` in _native/common.h
+SOURCE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def compiled(name: str) -> ModuleType | None:
@@ -44,6 +47,25 @@ def agrees(ours: Sequence[torch.Tensor] | None, theirs: Sequence[torch.Tensor], 
     if not same:
         warnings.warn(f"pipequant's compiled kernel disagrees with this {library} version; {library} quantizes instead")
     return same
+
+
+def checked(
+    kernel: Callable[[torch.Tensor], Sequence[torch.Tensor] | None],
+    library: Callable[[torch.Tensor], Sequence[torch.Tensor]],
+    weight: torch.Tensor,
+    head: torch.Tensor,
+    library_name: str,
+) -> Sequence[torch.Tensor] | None:
+    """`kernel(weight)`, if the kernel applies and gives the library's own bytes on `head` (the
+    first rows or blocks of `weight`, see `agrees`); None otherwise, and the caller uses the library."""
+    ours = kernel(head)
+    if ours is None:
+        return None
+    with torch_on_one_thread():
+        theirs = library(head)
+    if not agrees(ours, theirs, library_name):
+        return None
+    return kernel(weight)
 
 
 def _bytes(tensor: torch.Tensor) -> torch.Tensor:

@@ -33,28 +33,15 @@ typedef struct {
 /* torch.clamp(value, -1, 1): a NaN stays NaN */
 INLINE float clamp_unit(float value) { return value < -1.0f ? -1.0f : (value > 1.0f ? 1.0f : value); }
 
-/* block values as float32, one loop per source dtype (so each vectorizes) */
-INLINE void load_block(const job *work, int64_t start, int length, float *x) {
-    if (work->dtype == FLOAT32) {
-        memcpy(x, (const float *)work->source + start, (size_t)length * sizeof(float));
-    } else if (work->dtype == BFLOAT16) {
-        const uint16_t *source = (const uint16_t *)work->source + start;
-        for (int i = 0; i < length; i++) x[i] = from_bits((uint32_t)source[i] << 16);
-    } else {
-        const uint16_t *source = (const uint16_t *)work->source + start;
-        for (int i = 0; i < length; i++) x[i] = half_to_float(source[i]);
-    }
-}
-
 BLOCK_KERNEL static void run_blocks(void *context, int64_t begin, int64_t end) {
     const job *work = context;
-    float x[MAX_BLOCKSIZE], bounds[15];
+    float converted[MAX_BLOCKSIZE], scaled[MAX_BLOCKSIZE + 1], bounds[15];
     uint8_t codes[MAX_BLOCKSIZE + 1];
     memcpy(bounds, work->bounds, sizeof bounds);
     for (int64_t b = begin; b < end; b++) {
         const int64_t start = b * work->blocksize;
         const int length = (int)(work->count - start < work->blocksize ? work->count - start : work->blocksize);
-        load_block(work, start, length, x);
+        const float *x = source_values(work->source, work->dtype, start, length, converted);
         uint32_t largest = 0; /* as bits: non-negative floats order like them, and a NaN is above inf */
         for (int i = 0; i < length; i++) {
             const uint32_t magnitude = to_bits(x[i]) & 0x7FFFFFFFu;
@@ -65,17 +52,17 @@ BLOCK_KERNEL static void run_blocks(void *context, int64_t begin, int64_t end) {
         if (length == work->blocksize) {
             work->absmax[b] = absmax;
             const float inverse = 1.0f / floor_absmax;
-            for (int i = 0; i < length; i++) x[i] = clamp_unit(x[i] * inverse);
+            for (int i = 0; i < length; i++) scaled[i] = clamp_unit(x[i] * inverse);
         } else { /* the trailing partial block: a division, and the clamped absmax is stored */
             work->absmax[b] = floor_absmax;
-            for (int i = 0; i < length; i++) x[i] = clamp_unit(x[i] / floor_absmax);
+            for (int i = 0; i < length; i++) scaled[i] = clamp_unit(x[i] / floor_absmax);
         }
         int count = length;
-        if (length % 2) x[count++] = 0.0f; /* the pad of an odd count */
+        if (length % 2) scaled[count++] = 0.0f; /* the pad of an odd count */
         /* the bucket of each value: how many midpoints lie below it (a pass per midpoint vectorizes) */
         memset(codes, 0, (size_t)count);
         for (int k = 0; k < 15; k++) {
-            for (int i = 0; i < count; i++) codes[i] += bounds[k] < x[i];
+            for (int i = 0; i < count; i++) codes[i] += bounds[k] < scaled[i];
         }
         if (work->order) {
             for (int i = 0; i < count; i++) codes[i] = (uint8_t)work->order[codes[i]];

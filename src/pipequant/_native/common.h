@@ -76,11 +76,17 @@ INLINE float round_to_half(float value) {
 /* the dtype of the weights a kernel reads, as the Python side numbers it */
 enum source_dtype { FLOAT32 = 0, BFLOAT16 = 1, FLOAT16 = 2 };
 
-/* element i of a float32, bfloat16 or float16 array, as float32 (exactly) */
-INLINE float source_value(const void *source, enum source_dtype dtype, int64_t i) {
-    if (dtype == FLOAT32) return ((const float *)source)[i];
-    const uint16_t bits = ((const uint16_t *)source)[i];
-    return dtype == BFLOAT16 ? from_bits((uint32_t)bits << 16) : half_to_float(bits);
+/* values [start, start + count) of a float32, bfloat16 or float16 array as float32 (exactly): the
+ * array itself when it is float32, else converted into x, one loop per dtype so each vectorizes */
+INLINE const float *source_values(const void *source, enum source_dtype dtype, int64_t start, int count, float *x) {
+    if (dtype == FLOAT32) return (const float *)source + start;
+    const uint16_t *bits = (const uint16_t *)source + start;
+    if (dtype == BFLOAT16) {
+        for (int i = 0; i < count; i++) x[i] = from_bits((uint32_t)bits[i] << 16);
+    } else {
+        for (int i = 0; i < count; i++) x[i] = half_to_float(bits[i]);
+    }
+    return x;
 }
 
 /* a float16 field of a block, little-endian, rounded to nearest even */

@@ -109,18 +109,6 @@ INLINE void with_min(const float *x, uint8_t *out, int levels) {
     }
 }
 
-/* block b as float32 (in place when the source is float32), one loop per dtype so each vectorizes */
-INLINE const float *source_block(const quantize_job *work, int64_t b, float *x) {
-    if (work->dtype == FLOAT32) return (const float *)work->source + b * QK;
-    const uint16_t *source = (const uint16_t *)work->source + b * QK;
-    if (work->dtype == BFLOAT16) {
-        for (int i = 0; i < QK; i++) x[i] = from_bits((uint32_t)source[i] << 16);
-    } else {
-        for (int i = 0; i < QK; i++) x[i] = half_to_float(source[i]);
-    }
-    return x;
-}
-
 int legacy_block_bytes(int type) {
     switch (type) {
         case Q8_0: return 34;
@@ -136,7 +124,7 @@ BLOCK_KERNEL void run_legacy_blocks(void *context, int64_t begin, int64_t end) {
     const quantize_job *work = context;
     float x[QK];
     for (int64_t b = begin; b < end; b++) {
-        const float *block = source_block(work, b, x);
+        const float *block = source_values(work->source, work->dtype, b * QK, QK, x);
         uint8_t *out = work->out + b * work->block_bytes;
         switch (work->type) {
             case Q8_0: q8_0(block, out); break;

@@ -2,7 +2,7 @@
  *
  * Used by pipequant/backends/int8_rows.py, which documents why and checks the bytes. Each function
  * takes raw pointers to contiguous CPU buffers (a torch tensor's data_ptr()), a row-major weight of
- * `rows` x `columns` in bfloat16 (dtype 16) or float32 (dtype 32), and a thread count; it releases
+ * `rows` x `columns` in float32 or bfloat16 (common.h's source_dtype), and a thread count; it releases
  * the GIL and splits the rows between threads (parallel.h).
  *
  * Floats are handled through their bit patterns where that is exact: a bf16 value is the top half
@@ -147,13 +147,13 @@ static void run_rows(void *context, int64_t first_row, int64_t end_row) {
 static PyObject *quantize(enum library library, PyObject *args) {
     unsigned long long weight, data, scale;
     Py_ssize_t rows, columns;
-    int dtype_bits, threads;
-    if (!PyArg_ParseTuple(args, "KinnKKi", &weight, &dtype_bits, &rows, &columns, &data, &scale, &threads)) return NULL;
-    if (dtype_bits != 16 && dtype_bits != 32) {
-        PyErr_SetString(PyExc_ValueError, "the weight must be bfloat16 (16) or float32 (32)");
+    int dtype, threads;
+    if (!PyArg_ParseTuple(args, "KinnKKi", &weight, &dtype, &rows, &columns, &data, &scale, &threads)) return NULL;
+    if (dtype != FLOAT32 && dtype != BFLOAT16) {
+        PyErr_SetString(PyExc_ValueError, "the weight must be float32 (0) or bfloat16 (1)");
         return NULL;
     }
-    job work = {library, (const void *)(uintptr_t)weight, dtype_bits == 16, columns, (int8_t *)(uintptr_t)data,
+    job work = {library, (const void *)(uintptr_t)weight, dtype == BFLOAT16, columns, (int8_t *)(uintptr_t)data,
                 (void *)(uintptr_t)scale};
     Py_BEGIN_ALLOW_THREADS
     run_parallel(run_rows, &work, rows, threads);
@@ -178,11 +178,11 @@ static PyObject *torchao_int8(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"quanto_int8", quanto_int8, METH_VARARGS,
-     "quanto_int8(weight_ptr, dtype_bits, rows, columns, data_ptr, scale_ptr, threads): quanto's int8 rows"},
+     "quanto_int8(weight_ptr, source_dtype, rows, columns, data_ptr, scale_ptr, threads): quanto's int8 rows"},
     {"torchao_int8", torchao_int8, METH_VARARGS,
-     "torchao_int8(weight_ptr, dtype_bits, rows, columns, data_ptr, scale_ptr, threads): torchao's int8 rows"},
+     "torchao_int8(weight_ptr, source_dtype, rows, columns, data_ptr, scale_ptr, threads): torchao's int8 rows"},
     {"bitsandbytes_int8", bitsandbytes_int8, METH_VARARGS,
-     "bitsandbytes_int8(weight_ptr, dtype_bits, rows, columns, data_ptr, scale_ptr, threads): LLM.int8 rows"},
+     "bitsandbytes_int8(weight_ptr, source_dtype, rows, columns, data_ptr, scale_ptr, threads): LLM.int8 rows"},
     {NULL, NULL, 0, NULL},
 };
 

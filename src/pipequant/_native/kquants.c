@@ -509,24 +509,12 @@ INLINE void quantize_q6_K(const float *x, uint8_t *out) {
 
 /* --- blocks of any input dtype, split between threads --- */
 
-
-/* superblock b of the source as float32 (in place when it is float32 already) */
-INLINE const float *source_block(const quantize_job *work, int64_t b, float *x) {
-    if (work->dtype == FLOAT32) return (const float *)work->source + b * QK_K;
-    const uint16_t *source = (const uint16_t *)work->source + b * QK_K;
-    if (work->dtype == BFLOAT16) {
-        for (int i = 0; i < QK_K; i++) x[i] = from_bits((uint32_t)source[i] << 16);
-    } else {
-        for (int i = 0; i < QK_K; i++) x[i] = half_to_float(source[i]);
-    }
-    return x;
-}
-
 /* each type's loop written out, so that its quantizer is inlined into every clone of run_kquant_blocks */
-#define EACH_BLOCK(quantize_block)                                                          \
-    for (int64_t b = begin; b < end; b++) {                                                 \
-        quantize_block(source_block(work, b, x), work->out + b * work->block_bytes);        \
-    }                                                                                       \
+#define EACH_BLOCK(quantize_block)                                                                      \
+    for (int64_t b = begin; b < end; b++) {                                                             \
+        const float *block = source_values(work->source, work->dtype, b * QK_K, QK_K, x);               \
+        quantize_block(block, work->out + b * work->block_bytes);                                       \
+    }                                                                                                   \
     break;
 
 int kquant_block_bytes(int type) {

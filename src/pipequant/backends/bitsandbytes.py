@@ -305,18 +305,6 @@ def _int8_vectorwise_quant(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return int8_rows, row_scales
 
 
-def _compiled_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The LLM.int8 format by our compiled kernel (`int8_rows`), if it gives bitsandbytes' own bytes
-    on the first two rows (CPU only; None otherwise)."""
-    if weight.device.type != "cpu" or weight.dim() != 2:
-        return None
-    with kernels.torch_on_one_thread():
-        theirs = _int8_vectorwise_quant(weight[:2])
-    if not kernels.agrees(int8_rows.bitsandbytes_int8_rows(weight[:2]), theirs, "bitsandbytes"):
-        return None
-    return int8_rows.bitsandbytes_int8_rows(weight)
-
-
 class BitsAndBytes8bitBackend(Backend):
     name = "bitsandbytes_8bit"
     config_class = BitsAndBytesConfig
@@ -329,7 +317,10 @@ class BitsAndBytes8bitBackend(Backend):
         # Int8Params.to() quantizes only when moving off the CPU-resident copy; calling the
         # functional API directly works the same wherever the weight already is.
         weight = module.weight.data.to(device)
-        compiled = _compiled_int8(weight)
+        # the compiled kernel where it applies (CPU), checked against bitsandbytes on two rows
+        compiled = kernels.checked(
+            int8_rows.bitsandbytes_int8_rows, _int8_vectorwise_quant, weight, weight[:2], "bitsandbytes"
+        )
         int8_weight, row_scales = compiled or row_blocks.quantize_by_rows(weight, _int8_vectorwise_quant, device)
         layer = _linear8bit(module, config, int8_weight, row_scales)
         _copy_bias(module, layer, device)

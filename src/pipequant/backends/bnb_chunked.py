@@ -17,7 +17,6 @@ import torch
 from .. import kernels
 
 _bnb4 = kernels.compiled("bnb4")
-_SOURCE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 #: elements per slice: about 4 MB of float32 temporaries per step
 CHUNK_ELEMENTS = 1 << 20
@@ -87,27 +86,30 @@ def _compiled_4bit(
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(packed codes, absmax) by the compiled kernel, if it applies and gives bitsandbytes' own
     bytes on the first two blocks; None otherwise."""
-    if _bnb4 is None or flat.device.type != "cpu" or flat.dtype not in _SOURCE_DTYPES or blocksize % 2:
-        return None
-    head = flat[: 2 * blocksize]
-    with kernels.torch_on_one_thread():
-        theirs = _by_slices(head, blocksize, quant_type, quant_storage, head.numel())
-    if not kernels.agrees(_run_4bit(head, blocksize, quant_type, quant_storage), theirs, "bitsandbytes"):
-        return None
-    return _run_4bit(flat, blocksize, quant_type, quant_storage)
+
+    def ours(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return _run_4bit(values, blocksize, quant_type, quant_storage)
+
+    def theirs(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _by_slices(values, blocksize, quant_type, quant_storage, values.numel())
+
+    return kernels.checked(ours, theirs, flat, flat[: 2 * blocksize], "bitsandbytes")
 
 
 def _run_4bit(
     flat: torch.Tensor, blocksize: int, quant_type: str, quant_storage: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel's (packed, absmax), laid out as bitsandbytes' CPU quantize_4bit returns them."""
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The kernel's (packed, absmax), laid out as bitsandbytes' CPU quantize_4bit returns them; None
+    where the kernel does not apply."""
+    if _bnb4 is None or flat.device.type != "cpu" or flat.dtype not in kernels.SOURCE_DTYPES or blocksize % 2:
+        return None
     bounds, order = _code_bounds(quant_type)
     source = flat.contiguous()
     count = source.numel()
     packed = torch.empty(((count + 1) // 2, 1), dtype=torch.uint8)
     absmax = torch.empty(-(count // -blocksize), dtype=torch.float32)
     _bnb4.quantize(
-        source.data_ptr(), _SOURCE_DTYPES[source.dtype], count, bounds.data_ptr(), 0 if order is None else order.data_ptr(),
+        source.data_ptr(), kernels.SOURCE_DTYPES[source.dtype], count, bounds.data_ptr(), 0 if order is None else order.data_ptr(),
         blocksize, packed.data_ptr(), absmax.data_ptr(), torch.get_num_threads(),
     )
     if quant_storage != torch.uint8:

@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import compiled
+from ..kernels import SOURCE_DTYPES, compiled
 
 _int8_rows = compiled("int8_rows")
-
-_DTYPE_BITS = {torch.bfloat16: 16, torch.float32: 32}
 
 
 def quanto_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -51,12 +49,14 @@ def bitsandbytes_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 def _run(kernel: str, weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
     if _int8_rows is None:
         return None
-    if weight.device.type != "cpu" or weight.dtype not in _DTYPE_BITS or weight.dim() != 2 or not weight.is_contiguous():
+    if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16) or weight.dim() != 2:
+        return None
+    if not weight.is_contiguous():
         return None
     rows, columns = weight.shape
     data = torch.empty((rows, columns), dtype=torch.int8)
     scale = torch.empty((rows, 1), dtype=scale_dtype)
     getattr(_int8_rows, kernel)(
-        weight.data_ptr(), _DTYPE_BITS[weight.dtype], rows, columns, data.data_ptr(), scale.data_ptr(), torch.get_num_threads()
+        weight.data_ptr(), SOURCE_DTYPES[weight.dtype], rows, columns, data.data_ptr(), scale.data_ptr(), torch.get_num_threads()
     )
     return data, scale

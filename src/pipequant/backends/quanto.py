@@ -190,13 +190,9 @@ def _int8_rows(
     weight: torch.Tensor, qtype: Any, quantize_rows: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """An int8 weight by our compiled kernel (`int8_rows`), if it gives quanto's own bytes on the first two rows."""
-    if qtype.dtype != torch.int8 or weight.device.type != "cpu":
+    if qtype.dtype != torch.int8:
         return None
-    with kernels.torch_on_one_thread():
-        theirs = quantize_rows(weight[:2])
-    if not kernels.agrees(int8_rows.quanto_int8_rows(weight[:2]), theirs, "optimum-quanto"):
-        return None
-    return int8_rows.quanto_int8_rows(weight)
+    return kernels.checked(int8_rows.quanto_int8_rows, quantize_rows, weight, weight[:2], "optimum-quanto")
 
 
 def quanto_group_size(in_features: int) -> int | None:

@@ -39,14 +39,11 @@ import numpy as np
 import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from ...kernels import compiled
+from ...kernels import SOURCE_DTYPES, compiled
 
 _ggml_dequantize = compiled("ggml_dequantize")
 #: the compiled quantizer of every block type on CPU (pipequant/_native/ggml_quantize.c), or None
 block_quantizer = compiled("ggml_quantize")
-
-#: the source dtypes the compiled quantizers read, numbered as they take them
-_SOURCE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 QuantType = str | GGMLQuantizationType
 
@@ -262,10 +259,10 @@ class GGMLQuant(ABC):
     def quantize_rows(cls, rows: torch.Tensor) -> torch.Tensor:
         """``(r, k)`` floats -> ``(r, k // block_size * type_size)`` uint8."""
         out = result_buffer((rows.numel() // cls.block_size, cls.type_size), torch.uint8, rows.device)
-        if cls.compiled_quantizer is not None and rows.device.type == "cpu" and rows.dtype in _SOURCE_DTYPES:
+        if cls.compiled_quantizer is not None and rows.device.type == "cpu" and rows.dtype in SOURCE_DTYPES:
             source = rows.contiguous()
             cls.compiled_quantizer.quantize(
-                int(cls.qtype), source.data_ptr(), _SOURCE_DTYPES[source.dtype], out.shape[0], out.data_ptr(),
+                int(cls.qtype), source.data_ptr(), SOURCE_DTYPES[source.dtype], out.shape[0], out.data_ptr(),
                 torch.get_num_threads(),
             )
             return out.view(rows.shape[0], -1)
