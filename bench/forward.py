@@ -47,8 +47,6 @@ def _quanto(weights_dtype: str):
 
 
 def _gguf(quant_type: str):
-    import torch
-
     from pipequant import GGUFQuantizationConfig
 
     return GGUFQuantizationConfig(quant_type=quant_type, compute_dtype=torch.bfloat16)
