@@ -254,7 +254,8 @@ static PyObject *dequantize(PyObject *self, PyObject *args) {
         default: PyErr_Format(PyExc_ValueError, "no dequantizer for GGML type %d", type); return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
-    run_parallel(run_blocks, &work, blocks, threads);
+    const size_t out_bytes = (size_t)work.block_size * (bf16_out ? 2 : 4);
+    run_parallel_paged(run_blocks, &work, blocks, threads, work.out, out_bytes);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }

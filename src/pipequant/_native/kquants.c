@@ -2,10 +2,10 @@
  * (ggml-quants.c: quantize_row_qN_K_ref with make_qkx2_quants, make_q3_quants, make_qx_quants).
  *
  * Used by pipequant/backends/gguf/kquants.py, which keeps the torch version of the same algorithm
- * for other devices and explains the block layouts. Written as plain scalar C in the reference's
- * order of float operations, so the bytes are llama.cpp's; built with -ffp-contract=off (no fused
- * multiply-adds) like llama.cpp's x86-64 reference. ggml_quantize.c splits the superblocks of 256
- * weights between threads.
+ * for other devices and explains the block layouts. Every float operation is the reference's, in
+ * its order (per vector lane, see below), so the bytes are llama.cpp's; built with
+ * -ffp-contract=off (no fused multiply-adds) like llama.cpp's x86-64 reference. ggml_quantize.c
+ * splits the superblocks of 256 weights between threads.
  */
 #include <math.h>
 
@@ -29,13 +29,21 @@ INLINE int nearest_int(float value) {
 
 /* --- the searches for one sub-block's scale (and min) --- */
 
-/* Eight sub-blocks at a time, one per vector lane (GCC vector extensions: one AVX2 register where
- * the loader finds it, two SSE registers elsewhere). Each lane runs the reference's loop for its
- * sub-block with the same float operations in the same order, so the results are the scalar
- * code's bit for bit; the reference's branches become per-lane selects. Measured on one core:
- * 4-7x the scalar code's throughput; sixteen lanes (AVX-512, two superblocks of Q4_K / Q5_K at
- * a time) were no faster. */
+/* Sixteen sub-blocks at a time: two groups of eight, one sub-block per vector lane (GCC vector
+ * extensions: one AVX2 register where the loader finds it, two SSE registers elsewhere). Each lane
+ * runs the reference's loop for its sub-block with the same float operations in the same order,
+ * so the results are the scalar code's bit for bit; the reference's branches become per-lane
+ * selects. Measured on one core: 4-7x the scalar code's throughput.
+ *
+ * The reference's sums run one add after another, so a single group's search waits on the adds'
+ * latency; the two groups' operations, interleaved in each loop, fill that wait. Together with
+ * the float rounding of rounded_clamped and the levels recomputed once at the end (instead of
+ * copied at every improvement), measured on one core: Q2_K..Q6_K 1.04-1.24x over one group at a
+ * time. One group of sixteen lanes (AVX-512 registers) was slower: GCC 12 turns some of its
+ * selects into scalar code. */
 #define LANES 8
+#define GROUPS 2
+#define SUBBLOCKS (LANES * GROUPS)
 typedef float lanes_f __attribute__((vector_size(32)));
 typedef int32_t lanes_i __attribute__((vector_size(32)));
 
@@ -70,88 +78,138 @@ INLINE lanes_i nearest_clamped(lanes_f value, int lo, int hi) {
     return select_int(l > splat_int(hi), splat_int(hi), l);
 }
 
-/* element i of sub-blocks 0..7 (each n long, one after another) in lane 0..7 */
-INLINE void transpose_in(int n, const float *x, lanes_f *out) {
-    for (int i = 0; i < n; i++) {
-        for (int lane = 0; lane < LANES; lane++) out[i][lane] = x[lane * n + i];
+/* nearest_int, then clamped to [0, hi], as floats: exact where |value| < 2^22. There adding and
+ * subtracting 1.5 * 2^23 rounds to an integer, half to even, as nearest_int does through the
+ * bits (beyond, nearest_int returns other numbers, which nearest_clamped reproduces). Five
+ * float operations against nearest_clamped's nine, and no conversion back to float. */
+INLINE lanes_f rounded_clamped(lanes_f value, float hi) {
+    lanes_f rounded = (value + splat(12582912.0f)) - splat(12582912.0f);
+    lanes_f l = select_float(rounded > splat(0.f), rounded, splat(0.f));
+    return select_float(l < splat(hi), l, splat(hi));
+}
+
+/* element i of group g's sub-blocks (sub-block g * LANES + lane, each n long, one after another
+ * from x) in lane `lane` of out[g][i] */
+INLINE void transpose_in(int n, const float *x, lanes_f (*out)[32]) {
+    for (int g = 0; g < GROUPS; g++) {
+        for (int i = 0; i < n; i++) {
+            for (int lane = 0; lane < LANES; lane++) out[g][i][lane] = x[(g * LANES + lane) * n + i];
+        }
     }
 }
 
-/* make_qkx2_quants for sub-blocks 0..7 of x (each n <= 32 weights long): their scales and mins
+/* the largest |x - min| over a sub-block, from its smallest and largest x (x - min rounds monotonically) */
+INLINE lanes_f largest_shift(lanes_f smallest, lanes_f largest, lanes_f min) {
+    lanes_f above = absolute(largest - min), below = absolute(smallest - min);
+    return select_float(above > below, above, below);
+}
+
+/* make_qkx2_quants for the 16 sub-blocks of x (each n <= 32 weights long): their scales and mins
  * (the reference's return value and *the_min) and levels L (sub-block after sub-block) */
-INLINE void make_qkx2_quants_x8(int n, int nmax, const float *x, const float *weights, uint8_t *L, float *scales,
-                                       float *mins, float rmin, float rdelta, int nstep, int use_mad) {
-    lanes_f xs[32], ws[32], shifted[32]; /* shifted: x - min for the current min */
-    lanes_i levels[32], candidate[32];
+INLINE void make_qkx2_quants_x16(int n, int nmax, const float *x, const float *weights, uint8_t *L, float *scales,
+                                 float *mins, float rmin, float rdelta, int nstep, int use_mad) {
+    lanes_f xs[GROUPS][32], ws[GROUPS][32], shifted[GROUPS][32]; /* shifted: x - min for the current min */
+    lanes_f candidate[GROUPS][32];
+    lanes_f min[GROUPS], max[GROUPS], smallest[GROUPS], sum_w[GROUPS], sum_x[GROUPS], scale[GROUPS];
+    lanes_f best_error[GROUPS], reach[GROUPS], flat_min[GROUPS];
+    lanes_f best_iscale[GROUPS], best_shift[GROUPS]; /* the best levels: nearest_int(best_iscale * (x - best_shift)) */
+    lanes_i flat[GROUPS];
     transpose_in(n, x, xs);
     transpose_in(n, weights, ws);
     const lanes_f zero = splat(0.f);
-    lanes_f min = xs[0], max = xs[0];
-    lanes_f sum_w = ws[0];
-    lanes_f sum_x = sum_w * xs[0];
-    for (int i = 1; i < n; ++i) {
-        min = select_float(xs[i] < min, xs[i], min);
-        max = select_float(xs[i] > max, xs[i], max);
-        lanes_f w = ws[i];
-        sum_w += w;
-        sum_x += w * xs[i];
-    }
-    min = select_float(min > zero, zero, min);
-    const lanes_i flat = max == min; /* the reference returns early: levels 0, scale 0 */
-    const lanes_f flat_min = min;
-    lanes_f iscale = splat((float)nmax) / (max - min);
-    lanes_f scale = splat(1.f) / iscale;
-    lanes_f best_error = zero;
-    for (int i = 0; i < n; ++i) shifted[i] = xs[i] - min;
-    for (int i = 0; i < n; ++i) {
-        levels[i] = nearest_clamped(iscale * shifted[i], 0, nmax);
-        lanes_f diff = scale * to_float(levels[i]) + min - xs[i];
-        diff = use_mad ? absolute(diff) : diff * diff;
-        best_error += ws[i] * diff;
+    for (int g = 0; g < GROUPS; g++) {
+        min[g] = max[g] = xs[g][0];
+        sum_w[g] = ws[g][0];
+        sum_x[g] = sum_w[g] * xs[g][0];
+        for (int i = 1; i < n; ++i) {
+            min[g] = select_float(xs[g][i] < min[g], xs[g][i], min[g]);
+            max[g] = select_float(xs[g][i] > max[g], xs[g][i], max[g]);
+            lanes_f w = ws[g][i];
+            sum_w[g] += w;
+            sum_x[g] += w * xs[g][i];
+        }
+        smallest[g] = min[g];
+        min[g] = select_float(min[g] > zero, zero, min[g]);
+        flat[g] = max[g] == min[g]; /* the reference returns early: levels 0, scale 0 */
+        flat_min[g] = min[g];
+        lanes_f iscale = splat((float)nmax) / (max[g] - min[g]);
+        scale[g] = splat(1.f) / iscale;
+        best_iscale[g] = iscale;
+        best_shift[g] = min[g];
+        best_error[g] = zero;
+        for (int i = 0; i < n; ++i) shifted[g][i] = xs[g][i] - min[g];
+        for (int i = 0; i < n; ++i) {
+            lanes_f l = to_float(nearest_clamped(iscale * shifted[g][i], 0, nmax));
+            lanes_f diff = scale[g] * l + min[g] - xs[g][i];
+            diff = use_mad ? absolute(diff) : diff * diff;
+            best_error[g] += ws[g][i] * diff;
+        }
+        reach[g] = largest_shift(smallest[g], max[g], min[g]); /* bounds |iscale * shifted| by iscale * reach */
     }
     for (int is = 0; is <= nstep; ++is) {
-        iscale = splat(rmin + rdelta * is + nmax) / (max - min);
-        lanes_f sum_l = zero, sum_l2 = zero, sum_xl = zero;
-        for (int i = 0; i < n; ++i) {
-            candidate[i] = nearest_clamped(iscale * shifted[i], 0, nmax);
-            lanes_f l = to_float(candidate[i]);
-            lanes_f w = ws[i];
-            sum_l += w * l;
-            sum_l2 += w * l * l;
-            sum_xl += w * l * xs[i];
+        lanes_f iscale[GROUPS], sum_l[GROUPS], sum_l2[GROUPS], sum_xl[GROUPS], cur_error[GROUPS];
+        int rounding_exact = 1; /* the float rounding holds in every lane (flat lanes are discarded; NaN fails) */
+        for (int g = 0; g < GROUPS; g++) {
+            iscale[g] = splat(rmin + rdelta * is + nmax) / (max[g] - min[g]);
+            rounding_exact &= !any_lane(~((iscale[g] * reach[g] < splat(0x1p22f)) | flat[g]));
+            sum_l[g] = sum_l2[g] = sum_xl[g] = cur_error[g] = zero;
         }
-        lanes_f D = sum_w * sum_l2 - sum_l * sum_l;
-        lanes_f this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
-        lanes_f this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
-        lanes_i positive_min = this_min > zero;
-        this_min = select_float(positive_min, zero, this_min);
-        this_scale = select_float(positive_min, sum_xl / sum_l2, this_scale);
-        lanes_f cur_error = zero;
         for (int i = 0; i < n; ++i) {
-            lanes_f diff = this_scale * to_float(candidate[i]) + this_min - xs[i];
-            diff = use_mad ? absolute(diff) : diff * diff;
-            cur_error += ws[i] * diff;
+            for (int g = 0; g < GROUPS; g++) {
+                lanes_f l = rounding_exact ? rounded_clamped(iscale[g] * shifted[g][i], (float)nmax)
+                                           : to_float(nearest_clamped(iscale[g] * shifted[g][i], 0, nmax));
+                candidate[g][i] = l;
+                lanes_f w = ws[g][i];
+                sum_l[g] += w * l;
+                sum_l2[g] += w * l * l;
+                sum_xl[g] += w * l * xs[g][i];
+            }
         }
-        lanes_i better = (D > zero) & (cur_error < best_error);
-        if (!any_lane(better)) continue;
-        for (int i = 0; i < n; ++i) levels[i] = select_int(better, candidate[i], levels[i]);
-        best_error = select_float(better, cur_error, best_error);
-        scale = select_float(better, this_scale, scale);
-        min = select_float(better, this_min, min);
-        for (int i = 0; i < n; ++i) shifted[i] = xs[i] - min;
+        lanes_f D[GROUPS], this_scale[GROUPS], this_min[GROUPS];
+        for (int g = 0; g < GROUPS; g++) {
+            D[g] = sum_w[g] * sum_l2[g] - sum_l[g] * sum_l[g];
+            this_scale[g] = (sum_w[g] * sum_xl[g] - sum_x[g] * sum_l[g]) / D[g];
+            this_min[g] = (sum_l2[g] * sum_x[g] - sum_l[g] * sum_xl[g]) / D[g];
+            lanes_i positive_min = this_min[g] > zero;
+            this_min[g] = select_float(positive_min, zero, this_min[g]);
+            this_scale[g] = select_float(positive_min, sum_xl[g] / sum_l2[g], this_scale[g]);
+        }
+        for (int i = 0; i < n; ++i) {
+            for (int g = 0; g < GROUPS; g++) {
+                lanes_f diff = this_scale[g] * candidate[g][i] + this_min[g] - xs[g][i];
+                diff = use_mad ? absolute(diff) : diff * diff;
+                cur_error[g] += ws[g][i] * diff;
+            }
+        }
+        for (int g = 0; g < GROUPS; g++) {
+            lanes_i better = (D[g] > zero) & (cur_error[g] < best_error[g]);
+            if (!any_lane(better)) continue;
+            best_iscale[g] = select_float(better, iscale[g], best_iscale[g]);
+            best_shift[g] = select_float(better, min[g], best_shift[g]);
+            best_error[g] = select_float(better, cur_error[g], best_error[g]);
+            scale[g] = select_float(better, this_scale[g], scale[g]);
+            min[g] = select_float(better, this_min[g], min[g]);
+            for (int i = 0; i < n; ++i) shifted[g][i] = xs[g][i] - min[g];
+            reach[g] = largest_shift(smallest[g], max[g], min[g]);
+        }
     }
-    min = select_float(flat, flat_min, min);
-    scale = select_float(flat, zero, scale);
-    for (int lane = 0; lane < LANES; lane++) {
-        scales[lane] = scale[lane];
-        mins[lane] = -min[lane];
-        for (int i = 0; i < n; i++) L[lane * n + i] = flat[lane] ? 0 : (uint8_t)levels[i][lane];
+    for (int g = 0; g < GROUPS; g++) {
+        min[g] = select_float(flat[g], flat_min[g], min[g]);
+        scale[g] = select_float(flat[g], zero, scale[g]);
+        lanes_i levels[32]; /* the best candidate's levels again, by the same float operations */
+        for (int i = 0; i < n; ++i) levels[i] = nearest_clamped(best_iscale[g] * (xs[g][i] - best_shift[g]), 0, nmax);
+        for (int lane = 0; lane < LANES; lane++) {
+            const int k = g * LANES + lane;
+            scales[k] = scale[g][lane];
+            mins[k] = -min[g][lane];
+            for (int i = 0; i < n; i++) L[k * n + i] = flat[g][lane] ? 0 : (uint8_t)levels[i][lane];
+        }
     }
 }
 
 /* the value of largest magnitude in each lane (the first one on ties, as the reference's strict
  * comparison), and that magnitude */
-INLINE lanes_f signed_absmax_x8(int n, const lanes_f *xs, lanes_f *magnitude) {
+INLINE lanes_f signed_absmax_lanes(int n, const lanes_f *xs, lanes_f *magnitude) {
     lanes_f max = splat(0.f), amax = splat(0.f);
     for (int i = 0; i < n; ++i) {
         lanes_f ax = absolute(xs[i]);
@@ -163,15 +221,15 @@ INLINE lanes_f signed_absmax_x8(int n, const lanes_f *xs, lanes_f *magnitude) {
     return max;
 }
 
-/* The first guess of make_q3_quants and make_qx_quants for 8 sub-blocks of 16 (one per lane):
- * levels nearest_int(-nmax / max * x) in [-nmax, nmax - 1], max the value of largest magnitude,
- * and the sums weighted by x^2. Returns the lanes whose sub-block is negligible (the reference
- * returns levels 0 and scale 0 for them). */
-INLINE lanes_i first_guess_x8(int nmax, const lanes_f *xs, lanes_i *levels, lanes_f *sumlx, lanes_f *suml2,
-                              lanes_f *max) {
+/* The first guess of make_q3_quants and make_qx_quants for a group of 8 sub-blocks of 16 (one per
+ * lane): levels nearest_int(-nmax / max * x) in [-nmax, nmax - 1], max the value of largest
+ * magnitude, and the sums weighted by x^2. Returns the lanes whose sub-block is negligible (the
+ * reference returns levels 0 and scale 0 for them). */
+INLINE lanes_i first_guess_lanes(int nmax, const lanes_f *xs, lanes_i *levels, lanes_f *sumlx, lanes_f *suml2,
+                                 lanes_f *max) {
     enum { n = 16 };
     lanes_f amax;
-    *max = signed_absmax_x8(n, xs, &amax);
+    *max = signed_absmax_lanes(n, xs, &amax);
     lanes_f iscale = splat((float)-nmax) / *max;
     *sumlx = *suml2 = splat(0.f);
     for (int i = 0; i < n; ++i) {
@@ -184,78 +242,102 @@ INLINE lanes_i first_guess_x8(int nmax, const lanes_f *xs, lanes_i *levels, lane
     return amax < splat(GROUP_MAX_EPS);
 }
 
-/* scales and levels (made unsigned by + nmax) of 8 sub-blocks of 16 out of the lanes; 0 for the negligible */
-INLINE void store_signed_x8(int nmax, const lanes_i *levels, lanes_f scale, lanes_i negligible, int8_t *L, float *scales) {
+/* scales and levels (made unsigned by + nmax) of group g's sub-blocks of 16 out of the lanes; 0
+ * for the negligible */
+INLINE void store_signed_lanes(int g, int nmax, const lanes_i *levels, lanes_f scale, lanes_i negligible, int8_t *L,
+                               float *scales) {
     for (int lane = 0; lane < LANES; lane++) {
-        scales[lane] = negligible[lane] ? 0.f : scale[lane];
-        for (int i = 0; i < 16; i++) L[lane * 16 + i] = negligible[lane] ? 0 : (int8_t)(levels[i][lane] + nmax);
+        const int k = g * LANES + lane;
+        scales[k] = negligible[lane] ? 0.f : scale[lane];
+        for (int i = 0; i < 16; i++) L[k * 16 + i] = negligible[lane] ? 0 : (int8_t)(levels[i][lane] + nmax);
     }
 }
 
-/* make_q3_quants with do_rmse for sub-blocks 0..7 of x, 16 weights each: their scales, and levels
+/* make_q3_quants with do_rmse for the 16 sub-blocks of 16 weights of x: their scales, and levels
  * in 0..2*nmax-1. The refinement passes run while any lane still changes; a lane whose pass
  * changed nothing stops there, as the reference does. */
-INLINE void make_q3_quants_x8(int nmax, const float *x, int8_t *L, float *scales) {
+INLINE void make_q3_quants_x16(int nmax, const float *x, int8_t *L, float *scales) {
     enum { n = 16 };
-    lanes_f xs[n], max, sumlx, suml2;
-    lanes_i levels[n];
+    lanes_f xs[GROUPS][32], max[GROUPS], sumlx[GROUPS], suml2[GROUPS];
+    lanes_i levels[GROUPS][n], negligible[GROUPS], active[GROUPS];
     transpose_in(n, x, xs);
     const lanes_f zero = splat(0.f);
-    const lanes_i negligible = first_guess_x8(nmax, xs, levels, &sumlx, &suml2, &max);
-    lanes_i active = ~negligible;
-    for (int itry = 0; itry < 5; ++itry) {
-        lanes_i changed = splat_int(0);
-        for (int i = 0; i < n; ++i) {
-            lanes_f w = xs[i] * xs[i];
-            lanes_f l = to_float(levels[i]);
-            lanes_f slx = sumlx - w * xs[i] * l;
-            lanes_f sl2 = suml2 - w * l * l;
-            lanes_i new_l = nearest_clamped(xs[i] * sl2 / slx, -nmax, nmax - 1);
-            lanes_f new_lf = to_float(new_l);
-            lanes_f new_slx = slx + w * xs[i] * new_lf;
-            lanes_f new_sl2 = sl2 + w * new_lf * new_lf;
-            lanes_i accept = active & (slx > zero) & (new_l != levels[i]) & (new_sl2 > zero) &
-                             (new_slx * new_slx * suml2 > sumlx * sumlx * new_sl2);
-            levels[i] = select_int(accept, new_l, levels[i]);
-            sumlx = select_float(accept, new_slx, sumlx);
-            suml2 = select_float(accept, new_sl2, suml2);
-            changed |= accept;
-        }
-        active &= changed;
-        if (!any_lane(active)) break;
+    for (int g = 0; g < GROUPS; g++) {
+        negligible[g] = first_guess_lanes(nmax, xs[g], levels[g], &sumlx[g], &suml2[g], &max[g]);
+        active[g] = ~negligible[g];
     }
-    store_signed_x8(nmax, levels, select_float(suml2 > zero, sumlx / suml2, zero), negligible, L, scales);
+    for (int itry = 0; itry < 5; ++itry) {
+        lanes_i changed[GROUPS];
+        for (int g = 0; g < GROUPS; g++) changed[g] = splat_int(0);
+        for (int i = 0; i < n; ++i) {
+            for (int g = 0; g < GROUPS; g++) {
+                lanes_f w = xs[g][i] * xs[g][i];
+                lanes_f l = to_float(levels[g][i]);
+                lanes_f slx = sumlx[g] - w * xs[g][i] * l;
+                lanes_f sl2 = suml2[g] - w * l * l;
+                lanes_i new_l = nearest_clamped(xs[g][i] * sl2 / slx, -nmax, nmax - 1);
+                lanes_f new_lf = to_float(new_l);
+                lanes_f new_slx = slx + w * xs[g][i] * new_lf;
+                lanes_f new_sl2 = sl2 + w * new_lf * new_lf;
+                lanes_i accept = active[g] & (slx > zero) & (new_l != levels[g][i]) & (new_sl2 > zero) &
+                                 (new_slx * new_slx * suml2[g] > sumlx[g] * sumlx[g] * new_sl2);
+                levels[g][i] = select_int(accept, new_l, levels[g][i]);
+                sumlx[g] = select_float(accept, new_slx, sumlx[g]);
+                suml2[g] = select_float(accept, new_sl2, suml2[g]);
+                changed[g] |= accept;
+            }
+        }
+        int any_active = 0;
+        for (int g = 0; g < GROUPS; g++) {
+            active[g] &= changed[g];
+            any_active |= any_lane(active[g]);
+        }
+        if (!any_active) break;
+    }
+    for (int g = 0; g < GROUPS; g++) {
+        lanes_f scale = select_float(suml2[g] > zero, sumlx[g] / suml2[g], zero);
+        store_signed_lanes(g, nmax, levels[g], scale, negligible[g], L, scales);
+    }
 }
 
-/* make_qx_quants (rmse_type 1, no importance weights) for sub-blocks 0..7 of x, 16 weights each:
+/* make_qx_quants (rmse_type 1, no importance weights) for the 16 sub-blocks of 16 weights of x:
  * their scales, and levels in 0..2*nmax-1 */
-INLINE void make_qx_quants_x8(int nmax, const float *x, int8_t *L, float *scales) {
+INLINE void make_qx_quants_x16(int nmax, const float *x, int8_t *L, float *scales) {
     enum { n = 16 };
-    lanes_f xs[n], max, sumlx, suml2;
-    lanes_i levels[n], candidate[n];
+    lanes_f xs[GROUPS][32], max[GROUPS], sumlx[GROUPS], suml2[GROUPS], scale[GROUPS], best[GROUPS];
+    lanes_i levels[GROUPS][n], candidate[GROUPS][n], negligible[GROUPS];
     transpose_in(n, x, xs);
     const lanes_f zero = splat(0.f);
-    const lanes_i negligible = first_guess_x8(nmax, xs, levels, &sumlx, &suml2, &max);
-    lanes_f scale = select_float(suml2 != zero, sumlx / suml2, zero);
-    lanes_f best = scale * sumlx;
+    for (int g = 0; g < GROUPS; g++) {
+        negligible[g] = first_guess_lanes(nmax, xs[g], levels[g], &sumlx[g], &suml2[g], &max[g]);
+        scale[g] = select_float(suml2[g] != zero, sumlx[g] / suml2[g], zero);
+        best[g] = scale[g] * sumlx[g];
+    }
     for (int is = -9; is <= 9; ++is) {
         if (is == 0) continue;
-        lanes_f iscale = splat(-(nmax + 0.1f * is)) / max;
-        sumlx = suml2 = zero;
-        for (int i = 0; i < n; ++i) {
-            candidate[i] = nearest_clamped(iscale * xs[i], -nmax, nmax - 1);
-            lanes_f lf = to_float(candidate[i]);
-            lanes_f w = xs[i] * xs[i];
-            sumlx += w * xs[i] * lf;
-            suml2 += w * lf * lf;
+        lanes_f iscale[GROUPS];
+        for (int g = 0; g < GROUPS; g++) {
+            iscale[g] = splat(-(nmax + 0.1f * is)) / max[g];
+            sumlx[g] = suml2[g] = zero;
         }
-        lanes_i better = (suml2 > zero) & (sumlx * sumlx > best * suml2);
-        if (!any_lane(better)) continue;
-        for (int i = 0; i < n; ++i) levels[i] = select_int(better, candidate[i], levels[i]);
-        scale = select_float(better, sumlx / suml2, scale);
-        best = select_float(better, scale * sumlx, best);
+        for (int i = 0; i < n; ++i) {
+            for (int g = 0; g < GROUPS; g++) {
+                candidate[g][i] = nearest_clamped(iscale[g] * xs[g][i], -nmax, nmax - 1);
+                lanes_f lf = to_float(candidate[g][i]);
+                lanes_f w = xs[g][i] * xs[g][i];
+                sumlx[g] += w * xs[g][i] * lf;
+                suml2[g] += w * lf * lf;
+            }
+        }
+        for (int g = 0; g < GROUPS; g++) {
+            lanes_i better = (suml2[g] > zero) & (sumlx[g] * sumlx[g] > best[g] * suml2[g]);
+            if (!any_lane(better)) continue;
+            for (int i = 0; i < n; ++i) levels[g][i] = select_int(better, candidate[g][i], levels[g][i]);
+            scale[g] = select_float(better, sumlx[g] / suml2[g], scale[g]);
+            best[g] = select_float(better, scale[g] * sumlx[g], best[g]);
+        }
     }
-    store_signed_x8(nmax, levels, scale, negligible, L, scales);
+    for (int g = 0; g < GROUPS; g++) store_signed_lanes(g, nmax, levels[g], scale[g], negligible[g], L, scales);
 }
 
 /* --- one superblock of 256 weights each --- */
@@ -281,9 +363,7 @@ INLINE void quantize_q2_K(const float *x, uint8_t *out) {
     const float q4scale = 15.f;
     float max_scale = 0, max_min = 0;
     for (int i = 0; i < QK_K; ++i) weights[i] = fabsf(x[i]);
-    for (int j = 0; j < QK_K / 16; j += LANES) {
-        make_qkx2_quants_x8(16, 3, x + 16 * j, weights + 16 * j, L + 16 * j, scales + j, mins + j, -0.5f, 0.1f, 15, 1);
-    }
+    make_qkx2_quants_x16(16, 3, x, weights, L, scales, mins, -0.5f, 0.1f, 15, 1);
     for (int j = 0; j < QK_K / 16; ++j) {
         if (scales[j] > max_scale) max_scale = scales[j];
         if (mins[j] > max_min) max_min = mins[j];
@@ -323,7 +403,7 @@ INLINE void quantize_q3_K(const float *x, uint8_t *out) {
     uint8_t *hmask = out, *qs = out + 32, *scales_out = out + 96, *d_out = out + 108;
     int8_t L[QK_K];
     float scales[QK_K / 16];
-    for (int j = 0; j < QK_K / 16; j += LANES) make_q3_quants_x8(4, x + 16 * j, L + 16 * j, scales + j);
+    make_q3_quants_x16(4, x, L, scales);
     float amax;
     const float max_scale = largest_magnitude(QK_K / 16, scales, &amax);
     memset(scales_out, 0, 12);
@@ -419,53 +499,57 @@ INLINE void k4_header(const float *x, const float *scales, const float *mins, ui
     }
 }
 
-/* Q4_K and Q5_K: 8 sub-blocks of 32 (one per lane) with 6-bit scales and mins packed in 12 bytes;
- * the levels go to L */
-INLINE void quantize_k4(const float *x, uint8_t *out, uint8_t *L, int nmax, float rmin, int nstep) {
-    float weights[QK_K], mins[QK_K / 32], scales[QK_K / 32];
-    for (int j = 0; j < QK_K / 32; ++j) {
+/* Q4_K and Q5_K: 8 sub-blocks of 32 with 6-bit scales and mins packed in 12 bytes; the 16 sub-blocks
+ * of two superblocks at a time (x: 512 weights) into out[0] and out[1], their levels into L */
+INLINE void quantize_k4(const float *x, uint8_t *const *out, uint8_t *L, int nmax, float rmin, int nstep) {
+    float weights[2 * QK_K], mins[SUBBLOCKS], scales[SUBBLOCKS];
+    for (int j = 0; j < SUBBLOCKS; ++j) {
         float sum_x2 = 0;
         for (int l = 0; l < 32; ++l) sum_x2 += x[32 * j + l] * x[32 * j + l];
         float av_x = sqrtf(sum_x2 / 32);
         for (int l = 0; l < 32; ++l) weights[32 * j + l] = av_x + fabsf(x[32 * j + l]);
     }
-    make_qkx2_quants_x8(32, nmax, x, weights, L, scales, mins, rmin, 0.1f, nstep, 0);
-    k4_header(x, scales, mins, out, L, nmax);
+    make_qkx2_quants_x16(32, nmax, x, weights, L, scales, mins, rmin, 0.1f, nstep, 0);
+    for (int s = 0; s < 2; s++) k4_header(x + s * QK_K, scales + 8 * s, mins + 8 * s, out[s], L + s * QK_K, nmax);
 }
 
-INLINE void quantize_q4_K(const float *x, uint8_t *out) {
-    uint8_t L[QK_K];
-    quantize_k4(x, out, L, 15, -1.f, 20);
-    uint8_t *q = out + 16;
-    for (int j = 0; j < QK_K; j += 64) {
-        for (int l = 0; l < 32; ++l) q[l] = (uint8_t)(L[j + l] | (L[j + l + 32] << 4));
-        q += 32;
+INLINE void quantize_q4_K(const float *x, uint8_t *const *out) {
+    uint8_t L[2][QK_K];
+    quantize_k4(x, out, L[0], 15, -1.f, 20);
+    for (int s = 0; s < 2; s++) {
+        uint8_t *q = out[s] + 16;
+        for (int j = 0; j < QK_K; j += 64) {
+            for (int l = 0; l < 32; ++l) q[l] = (uint8_t)(L[s][j + l] | (L[s][j + l + 32] << 4));
+            q += 32;
+        }
     }
 }
 
-INLINE void quantize_q5_K(const float *x, uint8_t *out) {
-    uint8_t L[QK_K];
-    quantize_k4(x, out, L, 31, -0.5f, 15);
-    uint8_t *qh = out + 16, *ql = out + 48;
-    memset(qh, 0, QK_K / 8);
-    uint8_t m1 = 1, m2 = 2;
-    for (int n = 0; n < QK_K; n += 64) {
-        for (int j = 0; j < 32; ++j) {
-            int l1 = L[n + j];
-            if (l1 > 15) {
-                l1 -= 16;
-                qh[j] |= m1;
+INLINE void quantize_q5_K(const float *x, uint8_t *const *out) {
+    uint8_t L[2][QK_K];
+    quantize_k4(x, out, L[0], 31, -0.5f, 15);
+    for (int s = 0; s < 2; s++) {
+        uint8_t *qh = out[s] + 16, *ql = out[s] + 48;
+        memset(qh, 0, QK_K / 8);
+        uint8_t m1 = 1, m2 = 2;
+        for (int n = 0; n < QK_K; n += 64) {
+            for (int j = 0; j < 32; ++j) {
+                int l1 = L[s][n + j];
+                if (l1 > 15) {
+                    l1 -= 16;
+                    qh[j] |= m1;
+                }
+                int l2 = L[s][n + j + 32];
+                if (l2 > 15) {
+                    l2 -= 16;
+                    qh[j] |= m2;
+                }
+                ql[j] = (uint8_t)(l1 | (l2 << 4));
             }
-            int l2 = L[n + j + 32];
-            if (l2 > 15) {
-                l2 -= 16;
-                qh[j] |= m2;
-            }
-            ql[j] = (uint8_t)(l1 | (l2 << 4));
+            m1 <<= 2;
+            m2 <<= 2;
+            ql += 32;
         }
-        m1 <<= 2;
-        m2 <<= 2;
-        ql += 32;
     }
 }
 
@@ -473,7 +557,7 @@ INLINE void quantize_q6_K(const float *x, uint8_t *out) {
     uint8_t *ql = out, *qh = out + 128, *scales_out = out + 192, *d_out = out + 208;
     int8_t L[QK_K];
     float scales[QK_K / 16];
-    for (int j = 0; j < QK_K / 16; j += LANES) make_qx_quants_x8(32, x + 16 * j, L + 16 * j, scales + j);
+    make_qx_quants_x16(32, x, L, scales);
     float max_abs_scale;
     const float max_scale = largest_magnitude(QK_K / 16, scales, &max_abs_scale);
     if (max_abs_scale < GROUP_MAX_EPS) {
@@ -528,14 +612,32 @@ int kquant_block_bytes(int type) {
     }
 }
 
+/* two superblocks at a time, for the quantizers of 8 sub-blocks of 32; an odd last superblock is
+ * quantized twice over, into a scratch block the second time */
+#define EACH_PAIR(quantize_pair)                                                                          \
+    for (int64_t b = begin; b < end; b += 2) {                                                            \
+        uint8_t *outs[2] = {work->out + b * work->block_bytes, spare};                                    \
+        const float *pair = x;                                                                            \
+        if (b + 1 < end) {                                                                                \
+            outs[1] = work->out + (b + 1) * work->block_bytes;                                            \
+            pair = source_values(work->source, work->dtype, b * QK_K, 2 * QK_K, x);                       \
+        } else {                                                                                          \
+            memcpy(x, source_values(work->source, work->dtype, b * QK_K, QK_K, x), QK_K * sizeof(float)); \
+            memcpy(x + QK_K, x, QK_K * sizeof(float));                                                    \
+        }                                                                                                 \
+        quantize_pair(pair, outs);                                                                        \
+    }                                                                                                     \
+    break;
+
 BLOCK_KERNEL void run_kquant_blocks(void *context, int64_t begin, int64_t end) {
     const quantize_job *work = context;
-    float x[QK_K];
+    float x[2 * QK_K];
+    uint8_t spare[Q5_K_BYTES];
     switch (work->type) {
         case Q2_K: EACH_BLOCK(quantize_q2_K)
         case Q3_K: EACH_BLOCK(quantize_q3_K)
-        case Q4_K: EACH_BLOCK(quantize_q4_K)
-        case Q5_K: EACH_BLOCK(quantize_q5_K)
+        case Q4_K: EACH_PAIR(quantize_q4_K)
+        case Q5_K: EACH_PAIR(quantize_q5_K)
         default: EACH_BLOCK(quantize_q6_K)
     }
 }

@@ -78,6 +78,19 @@ def test_dequantize_bit_exact_with_gguf(name: str) -> None:
             assert torch.equal(ours, torch.from_numpy(expected.astype(np.float32)).to(dtype)), (name, dtype)
 
 
+@pytest.mark.parametrize("name", ["F16", "BF16", "Q8_0", "Q5_1", "Q4_K", "Q6_K"])
+def test_dequantize_large_outputs_bit_exact(name: str) -> None:
+    """Outputs of several MB are split between threads at their 2 MiB huge pages (blocks cross
+    page boundaries there), for float32 and bfloat16 results."""
+    rng = np.random.default_rng(2)
+    shape = (1100, 2304)  # 9.7 MB of float32
+    raw = _random_blocks(name, int(np.prod(shape)) // block_size(name), rng)
+    expected = gguf.quants.dequantize(raw, GGMLQuantizationType[name]).reshape(shape)
+    assert _same_bits(expected, dequantize(torch.from_numpy(raw), name, shape).numpy())
+    ours = dequantize(torch.from_numpy(raw), name, shape, dtype=torch.bfloat16)
+    assert torch.equal(ours, torch.from_numpy(expected.astype(np.float32)).to(torch.bfloat16))
+
+
 @pytest.mark.parametrize("name", FLOAT_TYPES + LEGACY_TYPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_quantize_byte_identical_with_gguf(name: str, dtype: torch.dtype) -> None:
@@ -142,6 +155,23 @@ def reference_inputs(seed: int, rows: int = 256, cols: int = 1024) -> np.ndarray
     bits = x.view(np.uint32)
     bf16 = (((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16).view(np.float32)
     return np.where(rs.uniform(size=(rows, 1)) < 0.5, bf16, x)
+
+
+def extreme_inputs() -> np.ndarray:
+    """Rows of three superblocks (an odd count: the kernels pair superblocks) with NaN, +-inf,
+    values near float32's limits, subnormals and huge constants: where the searches' float
+    rounding shortcut does not hold and the compiled kernels take llama.cpp's integer rounding."""
+    rs = np.random.RandomState(5)
+    x = rs.standard_normal((8, 768)).astype(np.float32) * np.float32(0.05)
+    x[0, 5] = np.nan
+    x[1, 300] = np.inf
+    x[2, 40] = -np.inf
+    x[3, :32] = np.nan
+    x[4, 7], x[4, 8] = 3e38, -3e38
+    x[5, :256] = np.linspace(0, 1, 256, dtype=np.float32) * np.float32(1e-30)
+    x[6, :256] = np.linspace(0, 1, 256, dtype=np.float32) * np.float32(1e-40)  # subnormal
+    x[7] = 1e30
+    return x
 
 
 def _sha256(a: np.ndarray | torch.Tensor) -> str:
@@ -224,6 +254,15 @@ def test_bad_row_length() -> None:
         dequantize(torch.zeros(34, dtype=torch.uint8), "Q8_0", (1, 48))
     with pytest.raises(ValueError, match="144 uint8 bytes"):
         dequantize(torch.zeros(100, dtype=torch.uint8), "Q4_K", (1, 256))
+
+
+@pytest.mark.parametrize("name", K_TYPES)
+def test_non_finite_and_extreme_weights_like_llamacpp(name: str, reference: dict[str, np.ndarray]) -> None:
+    """On CPU (the compiled kernels) the bytes are llama.cpp's for weights outside any model's
+    range too: NaN and inf poison a block the way they poison llama.cpp's."""
+    x = extreme_inputs()
+    assert _sha256(x) == str(reference["extreme_input_sha256"]), "input generator drifted; regenerate the reference"
+    assert _sha256(quantize(torch.from_numpy(x), name)) == str(reference[f"{name}_extreme_sha256"])
 
 
 def _awkward_rows() -> torch.Tensor:
