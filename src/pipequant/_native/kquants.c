@@ -622,7 +622,8 @@ int kquant_block_bytes(int type) {
             outs[1] = work->out + (b + 1) * work->block_bytes;                                            \
             pair = source_values(work->source, work->dtype, b * QK_K, 2 * QK_K, x);                       \
         } else {                                                                                          \
-            memcpy(x, source_values(work->source, work->dtype, b * QK_K, QK_K, x), QK_K * sizeof(float)); \
+            const float *last = source_values(work->source, work->dtype, b * QK_K, QK_K, x);              \
+            if (last != x) memcpy(x, last, QK_K * sizeof(float));                                         \
             memcpy(x + QK_K, x, QK_K * sizeof(float));                                                    \
         }                                                                                                 \
         quantize_pair(pair, outs);                                                                        \
