@@ -80,8 +80,8 @@ INLINE lanes_i nearest_clamped(lanes_f value, int lo, int hi) {
 
 /* nearest_int, then clamped to [0, hi], as floats: exact where |value| < 2^22. There adding and
  * subtracting 1.5 * 2^23 rounds to an integer, half to even, as nearest_int does through the
- * bits (beyond, nearest_int returns other numbers, which nearest_clamped reproduces). Five
- * float operations against nearest_clamped's nine, and no conversion back to float. */
+ * bits (beyond, nearest_int returns other numbers, which nearest_clamped reproduces). A third
+ * fewer operations than nearest_clamped, and no conversion back to float. */
 INLINE lanes_f rounded_clamped(lanes_f value, float hi) {
     lanes_f rounded = (value + splat(12582912.0f)) - splat(12582912.0f);
     lanes_f l = select_float(rounded > splat(0.f), rounded, splat(0.f));
