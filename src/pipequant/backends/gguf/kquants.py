@@ -16,6 +16,11 @@ across sub-blocks; to make that possible and exact:
 * Branches become masks: every candidate is evaluated for all sub-blocks and accepted
   where C would accept it. Instead of copying the candidate levels each time, the
   accepted ``(iscale, min)`` is recorded and the levels are recomputed once at the end.
+
+Blocks no checkpoint holds (NaN or inf weights, weights near float32's limits, sub-blocks of
+subnormals) can come out with other bytes than llama.cpp's here: C's comparisons skip NaN where
+torch's reductions propagate it, and ``nearest_int`` wraps around where ``torch.round`` does not.
+The compiled CPU kernels (``pipequant/_native/kquants.c``) match llama.cpp on those too.
 """
 
 from __future__ import annotations
