@@ -18,13 +18,13 @@
 
 typedef void (*range_fn)(void *context, int64_t begin, int64_t end);
 
-/* Chunk c covers items [first + (c - 1) * chunk, first + c * chunk), chunk 0 the items before
- * `first`, all clipped to [0, count); or, when `out_item_bytes` is set, the items whose output
- * starts in huge page c of the output (see run_parallel_paged). */
+/* Chunk c covers items [c * chunk, (c + 1) * chunk), clipped to [0, count); or, when
+ * `out_item_bytes` is set, the items whose output starts in huge page c of the output (see
+ * run_parallel_paged). */
 typedef struct {
     range_fn fn;
     void *context;
-    int64_t count, first, chunk;
+    int64_t count, chunk;
     uintptr_t out, out_item_bytes;
     int64_t next; /* the first chunk no thread has taken yet; updated atomically */
 } pipequant_work;
@@ -39,7 +39,7 @@ static int64_t pipequant_chunk_start(const pipequant_work *work, int64_t c) {
         uintptr_t page = (work->out & ~(PIPEQUANT_HUGE_PAGE - 1)) + (uintptr_t)c * PIPEQUANT_HUGE_PAGE;
         start = (int64_t)((page - work->out + work->out_item_bytes - 1) / work->out_item_bytes);
     } else {
-        start = work->first + (c - 1) * work->chunk;
+        start = c * work->chunk;
     }
     return start < work->count ? start : work->count;
 }
@@ -74,7 +74,7 @@ static void run_parallel(range_fn fn, void *context, int64_t count, int threads)
     if (threads > count) threads = (int)count;
     int64_t chunk = count / ((int64_t)(threads > 1 ? threads : 1) * PIPEQUANT_CHUNKS_PER_THREAD);
     chunk = chunk > 0 ? chunk : 1;
-    pipequant_work work = {fn, context, count, chunk, chunk, 0, 0, 0};
+    pipequant_work work = {fn, context, count, chunk, 0, 0, 0};
     pipequant_run(&work, threads);
 }
 
@@ -90,7 +90,7 @@ static void run_parallel_paged(range_fn fn, void *context, int64_t count, int th
         run_parallel(fn, context, count, threads);
         return;
     }
-    pipequant_work work = {fn, context, count, 0, 0, (uintptr_t)out, out_item_bytes, 0};
+    pipequant_work work = {fn, context, count, 0, (uintptr_t)out, out_item_bytes, 0};
     pipequant_run(&work, threads);
 }
 
