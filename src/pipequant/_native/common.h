@@ -73,6 +73,13 @@ INLINE float round_to_half(float value) {
     return from_bits(result | (bits & 0x80000000u));
 }
 
+/* the float's bits rounded to the nearest bfloat16 value, ties to even, as torch rounds to bfloat16:
+ * the result in the upper 16 bits, zeros below. NaN is the caller's case (this may carry it to inf). */
+INLINE uint32_t bf16_rounded_bits(float value) {
+    const uint32_t bits = to_bits(value);
+    return (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
+}
+
 /* the dtype of the weights a kernel reads, as the Python side numbers it */
 enum source_dtype { FLOAT32 = 0, BFLOAT16 = 1, FLOAT16 = 2 };
 

@@ -156,11 +156,7 @@ typedef struct {
 } job;
 
 /* torch's float -> bfloat16: round to nearest even; NaN becomes 0x7FC0 */
-INLINE uint16_t to_bf16(float value) {
-    if (value != value) return 0x7FC0u;
-    uint32_t bits = to_bits(value);
-    return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
-}
+INLINE uint16_t to_bf16(float value) { return value != value ? 0x7FC0u : (uint16_t)(bf16_rounded_bits(value) >> 16); }
 
 INLINE void store(const job *work, int64_t first, const float *values, int count) {
     if (work->bf16_out) {

@@ -29,11 +29,7 @@
 /* the float rounded to the nearest bfloat16, ties to even, as torch rounds a bf16 result. No NaN
  * case: the NaNs arithmetic makes here are quiet (bit 22 set), so they stay NaN or become -0, and
  * to_int8 sends both to 0, as torch does with the NaN. */
-INLINE float round_to_bf16(float value) {
-    uint32_t bits = to_bits(value);
-    bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
-    return from_bits(bits);
-}
+INLINE float round_to_bf16(float value) { return from_bits(bf16_rounded_bits(value)); }
 
 /* round half to even, clamp to [-128, 127]; NaN becomes 0, as torch's cast of a NaN does here */
 INLINE int8_t to_int8(float value) {
