@@ -67,26 +67,47 @@ class PipequantMetadata:
 
     @classmethod
     def from_strings(cls, fields: dict[str, str]) -> PipequantMetadata:
-        """Parse the keys; ValueError names a key that is not what pipequant writes."""
-        try:
-            layers = _loads(fields, GGUF_LAYERS)
-            dtype = fields.get(DTYPE)
-            return cls(
-                layout=fields.get(LAYOUT),
-                model_class=fields.get(MODEL_CLASS),
-                model_config=_loads(fields, MODEL_CONFIG),
-                quantization_config=_loads(fields, QUANTIZATION_CONFIG),
-                dtype=None if dtype is None else getattr(torch, dtype),
-                gguf_layers=None if layers is None else set(layers),
-                type_fallbacks=_loads(fields, TYPE_FALLBACKS) or {},
-            )
-        except (ValueError, TypeError, AttributeError) as error:
-            raise ValueError(f"its pipequant.* metadata is not what pipequant writes ({error})") from error
+        """Parse the keys; ValueError names a key that is not what pipequant writes.
+
+        Each value's type is checked: the file is untrusted, and a model config that is a string
+        instead of an object would be taken for a path or a Hub repo id by the model's library.
+        """
+        layers = _loads(fields, GGUF_LAYERS, list, str)
+        dtype = fields.get(DTYPE)
+        if dtype is not None and dtype not in _DTYPES:
+            raise ValueError(f"its {DTYPE} is {dtype!r}, not one of {', '.join(_DTYPES)}")
+        layout = fields.get(LAYOUT)
+        if layout not in (None, "bfl", "diffusers"):
+            raise ValueError(f"its {LAYOUT} is {layout!r}, not 'bfl' or 'diffusers'")
+        return cls(
+            layout=layout,
+            model_class=fields.get(MODEL_CLASS),
+            model_config=_loads(fields, MODEL_CONFIG, dict),
+            quantization_config=_loads(fields, QUANTIZATION_CONFIG, dict),
+            dtype=None if dtype is None else _DTYPES[dtype],
+            gguf_layers=None if layers is None else set(layers),
+            type_fallbacks=_loads(fields, TYPE_FALLBACKS, dict, str) or {},
+        )
+
+
+#: the dtypes of plain tensors pipequant writes, by the name `to_strings` gives them
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _json(value: Any) -> str | None:
     return None if value is None else json.dumps(value, sort_keys=True)
 
 
-def _loads(fields: dict[str, str], key: str) -> Any:
-    return json.loads(fields[key]) if key in fields else None
+def _loads(fields: dict[str, str], key: str, kind: type, item: type | None = None) -> Any:
+    """The JSON value of `key` (None when absent), which must be a `kind` of `item` values (list items, dict values)."""
+    if key not in fields:
+        return None
+    try:
+        value = json.loads(fields[key])
+    except (ValueError, RecursionError) as error:  # RecursionError: nested deeper than the parser's stack
+        raise ValueError(f"its {key} is not JSON ({type(error).__name__}: {error})") from None
+    items = value.values() if isinstance(value, dict) else value
+    if not isinstance(value, kind) or (item is not None and not all(isinstance(v, item) for v in items)):
+        what = kind.__name__ if item is None else f"{kind.__name__} of {item.__name__}"
+        raise ValueError(f"its {key} is a JSON {type(value).__name__}, not a {what}")
+    return value

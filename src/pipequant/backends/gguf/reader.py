@@ -1,7 +1,9 @@
 """Reading a .gguf file memory-mapped, as a checkpoint the streaming loader can fill a model from.
 
-gguf-py's `GGUFReader` maps the file and gives each tensor as a numpy view into the map, so
-opening a file reads only its header. `GGUFFile` puts every tensor under its diffusers name (a
+The header is parsed and validated first by our own parser (`header.py`, which says why not
+gguf-py's reader): every tensor's range is known to lie in the file, aligned and apart from the
+others, before the file is mapped and each tensor taken as a numpy view into the map, so opening a
+file reads only its header. `GGUFFile` puts every tensor under its diffusers name (a
 Flux file in the BFL layout is split and reordered by rows, see `flux_names.py`, still as views);
 `GGUFCheckpoint` is the view the streaming loader reads one layer at a time through, the same
 interface as a folder of safetensors (`ComponentCheckpoint`). Reading a tensor copies only that
@@ -18,16 +20,17 @@ not linear (a convolution) dequantized.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
+from gguf.constants import GGUFValueType
 
 from ...checkpoint import CheckpointError
 from .config import GGUF_TYPES
 from .flux_names import flux_tensors_from_bfl, is_bfl_flux, strip_bfl_prefix
+from .header import GGUFHeader, TensorInfo, read_header
 from .metadata import PipequantMetadata
 
 _PLAIN_TYPES = ("F32", "F16", "BF16")
@@ -40,7 +43,7 @@ class TensorPiece:
     name: str
     ggml_type: str
     file_shape: tuple[int, ...]
-    data: np.ndarray  # gguf-py's view: typed for F32/F16, else uint8 with one row of bytes per row
+    data: np.ndarray  # uint8 view into the map, one row of bytes per row (a 1-D block-type tensor: one row)
     start: int
     stop: int
     swap_halves: bool = False
@@ -55,7 +58,10 @@ class TensorPiece:
 
     def raw(self) -> torch.Tensor:
         """The piece's bytes, copied out of the map: uint8, one row of GGML blocks per row."""
-        rows = self.data[self.start : self.stop]
+        if self.quantized and len(self.file_shape) == 1:
+            rows = self.data  # one row of blocks, never split (see `_bfl_pieces`)
+        else:
+            rows = self.data[self.start : self.stop]
         if self.swap_halves:
             half = len(rows) // 2
             rows = np.concatenate((rows[half:], rows[:half]))
@@ -80,19 +86,22 @@ class GGUFFile:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        reader = _open_reader(self.path)
-        self.architecture = _string_field(reader, "general.architecture")
-        fields = {key: _string_field(reader, key) for key in reader.fields if key.startswith("pipequant.")}
+        header = read_header(self.path)
+        self.architecture = _string_field(self.path, header, "general.architecture")
+        fields = {key: _string_field(self.path, header, key) for key in header.fields if key.startswith("pipequant.")}
         try:
-            self.metadata = PipequantMetadata.from_strings({k: v for k, v in fields.items() if v is not None})
+            self.metadata = PipequantMetadata.from_strings(fields)
         except ValueError as error:
             raise CheckpointError(f"{self.path}: {error}; the file is corrupt or was edited.") from error
-        self.type_counts: Counter[str] = Counter(tensor.tensor_type.name for tensor in reader.tensors)
-        _check_types(self.path, reader)
-        stored = {strip_bfl_prefix(tensor.name): tensor for tensor in reader.tensors}
+        self.type_counts: Counter[str] = Counter(tensor.ggml_type.name for tensor in header.tensors)
+        _check_types(self.path, header)
+        mapped = np.memmap(self.path, mode="r") if header.tensors else np.empty(0, np.uint8)
+        stored = {strip_bfl_prefix(tensor.name): (tensor, _data(mapped, tensor)) for tensor in header.tensors}
+        if len(stored) != len(header.tensors):
+            raise CheckpointError(f"{self.path}: some tensors are stored twice, with and without the BFL name prefix.")
         self.layout = "bfl" if is_bfl_flux(stored) else "diffusers"
         self.pieces = _bfl_pieces(self.path, stored) if self.layout == "bfl" else {
-            name: _whole(name, tensor) for name, tensor in stored.items()
+            name: _whole(name, *stored_tensor) for name, stored_tensor in stored.items()
         }
 
     def describe_types(self) -> str:
@@ -100,32 +109,19 @@ class GGUFFile:
         return ", ".join(f"{name}: {count} tensors" for name, count in self.type_counts.most_common())
 
 
-def _open_reader(path: Path):
-    from gguf import GGUFReader
-
-    if not path.is_file():
-        raise CheckpointError(f"{path} does not exist or is not a file.")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # gguf-py warns while it parses some damaged headers
-            return GGUFReader(path)
-    except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError, MemoryError) as error:
-        raise CheckpointError(
-            f"{path}: not a readable GGUF file ({type(error).__name__}: {error}). It is truncated or corrupt; "
-            "replace it with a complete copy."
-        ) from error
-
-
-def _string_field(reader, key: str) -> str | None:
-    field = reader.get_field(key)
-    if field is None:
+def _string_field(path: Path, header: GGUFHeader, key: str) -> str | None:
+    if key not in header.fields:
         return None
-    value = field.contents()
-    return value if isinstance(value, str) else None
+    if header.field_types[key] != GGUFValueType.STRING:
+        raise CheckpointError(
+            f"{path}: metadata {key!r} is a {header.field_types[key].name}, not a STRING; the file is corrupt or "
+            "was edited."
+        )
+    return header.fields[key]
 
 
-def _check_types(path: Path, reader) -> None:
-    unsupported = [(tensor.name, tensor.tensor_type.name) for tensor in reader.tensors if tensor.tensor_type.name not in GGUF_TYPES]
+def _check_types(path: Path, header: GGUFHeader) -> None:
+    unsupported = [(tensor.name, tensor.ggml_type.name) for tensor in header.tensors if tensor.ggml_type.name not in GGUF_TYPES]
     if unsupported:
         shown = ", ".join(f"{name!r} ({qtype})" for name, qtype in unsupported[:5])
         more = f" and {len(unsupported) - 5} more" if len(unsupported) > 5 else ""
@@ -135,29 +131,36 @@ def _check_types(path: Path, reader) -> None:
         )
 
 
-def _whole(name: str, tensor) -> TensorPiece:
-    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-    return TensorPiece(name, tensor.tensor_type.name, shape, tensor.data, 0, shape[0])
+def _data(mapped: np.ndarray, tensor: TensorInfo) -> np.ndarray:
+    """The tensor's bytes in the map (range checked by `read_header`), one row of bytes per first-dim row."""
+    data = mapped[tensor.offset : tensor.offset + tensor.nbytes]
+    if len(tensor.dims) == 1 and tensor.ggml_type.name not in _PLAIN_TYPES:  # blocks: one row, never split
+        return data.reshape(1, -1)
+    return data.reshape(tensor.shape[0], -1)
+
+
+def _whole(name: str, tensor: TensorInfo, data: np.ndarray) -> TensorPiece:
+    return TensorPiece(name, tensor.ggml_type.name, tensor.shape, data, 0, tensor.shape[0])
 
 
 def _bfl_pieces(path: Path, stored: dict) -> dict[str, TensorPiece]:
     """Diffusers name -> piece, for a Flux file in the BFL layout; names outside the table pass through."""
     if "img_in.weight" not in stored:
         raise CheckpointError(f"{path}: the tensor names look like Flux (double_blocks.*) but img_in.weight is missing.")
-    hidden = int(stored["img_in.weight"].shape[-1])  # ggml lists dims innermost first: rows are the last
+    hidden = stored["img_in.weight"][0].shape[0]
     pieces: dict[str, TensorPiece] = {}
     for fused in flux_tensors_from_bfl(stored):
         tensor = stored.pop(fused.bfl, None)
         if tensor is None:
             continue  # left for the loader to report as missing
-        whole = _whole(fused.bfl, tensor)
+        whole = _whole(fused.bfl, *tensor)
         rows = whole.shape[0]
         sizes = [hidden] * (len(fused.parts) - 1)
         sizes.append(rows - sum(sizes))
-        if sizes[-1] <= 0 or (fused.swap_halves and rows % 2):
+        if sizes[-1] <= 0 or (fused.swap_halves and rows % 2) or (whole.quantized and len(whole.shape) == 1):
             raise CheckpointError(
-                f"{path}: tensor {fused.bfl!r} has {rows} rows, which do not split into {', '.join(fused.parts)} "
-                f"for hidden size {hidden}. The file is not a Flux transformer pipequant can read."
+                f"{path}: tensor {fused.bfl!r} ({whole.ggml_type}, shape {list(whole.shape)}) does not split into "
+                f"{', '.join(fused.parts)} for hidden size {hidden}. The file is not a Flux transformer pipequant can read."
             )
         start = 0
         for part, size in zip(fused.parts, sizes):
@@ -165,7 +168,7 @@ def _bfl_pieces(path: Path, stored: dict) -> dict[str, TensorPiece]:
                 whole, name=part, start=start, stop=start + size, swap_halves=fused.swap_halves
             )
             start += size
-    pieces.update({name: _whole(name, tensor) for name, tensor in stored.items()})
+    pieces.update({name: _whole(name, *tensor) for name, tensor in stored.items()})
     return pieces
 
 
