@@ -252,7 +252,8 @@ class _Parser:
         block = GGML_QUANT_SIZES[ggml_type][0]
         if dims[0] % block:
             raise _Malformed(
-                f"tensor {name!r}: its row length {dims[0]} is not a multiple of the {ggml_type.name} block size {block}",
+                f"tensor {name!r}: its row length {dims[0]} is not a multiple of the {ggml_type.name} block size "
+                f"{block}",
                 start,
             )
         return start, name, dims, ggml_type, offset
@@ -266,7 +267,9 @@ class _Parser:
                 raise _Malformed(f"tensor name {name!r} appears twice", start)
             names.add(name)
             if offset % alignment:
-                raise _Malformed(f"tensor {name!r} starts at data offset {offset}, not a multiple of {alignment}", start)
+                raise _Malformed(
+                    f"tensor {name!r} starts at data offset {offset}, not a multiple of {alignment}", start
+                )
             block, size = GGML_QUANT_SIZES[ggml_type]
             nbytes = dims[0] // block * size
             for dim in dims[1:]:

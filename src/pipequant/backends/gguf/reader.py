@@ -121,7 +121,7 @@ def _string_field(path: Path, header: GGUFHeader, key: str) -> str | None:
 
 
 def _check_types(path: Path, header: GGUFHeader) -> None:
-    unsupported = [(tensor.name, tensor.ggml_type.name) for tensor in header.tensors if tensor.ggml_type.name not in GGUF_TYPES]
+    unsupported = [(t.name, t.ggml_type.name) for t in header.tensors if t.ggml_type.name not in GGUF_TYPES]
     if unsupported:
         shown = ", ".join(f"{name!r} ({qtype})" for name, qtype in unsupported[:5])
         more = f" and {len(unsupported) - 5} more" if len(unsupported) > 5 else ""
@@ -160,7 +160,8 @@ def _bfl_pieces(path: Path, stored: dict) -> dict[str, TensorPiece]:
         if sizes[-1] <= 0 or (fused.swap_halves and rows % 2) or (whole.quantized and len(whole.shape) == 1):
             raise CheckpointError(
                 f"{path}: tensor {fused.bfl!r} ({whole.ggml_type}, shape {list(whole.shape)}) does not split into "
-                f"{', '.join(fused.parts)} for hidden size {hidden}. The file is not a Flux transformer pipequant can read."
+                f"{', '.join(fused.parts)} for hidden size {hidden}. The file is not a Flux transformer pipequant can "
+                "read."
             )
         start = 0
         for part, size in zip(fused.parts, sizes):
