@@ -3,6 +3,11 @@
 Tensors are read one by one through safetensors' memory map, so the loader never holds more than
 the layer it is working on in full precision. Pickle checkpoints are refused: unpickling runs
 arbitrary code, and we never need it because every format we load exists as safetensors.
+
+Files are untrusted: a component reads only files inside its own folder. The shard names of an
+index are plain file names (no separators, no "..", not absolute), and no weight file may be a
+symlink leading out of the folder, except into the Hub cache's ``blobs`` folder of the same repo
+(where `huggingface_hub` keeps the files a snapshot's symlinks point to).
 """
 
 from __future__ import annotations
@@ -61,7 +66,11 @@ class ComponentCheckpoint:
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
-        self.files = _find_weight_files(self.folder)
+        if not self.folder.is_dir():
+            raise CheckpointError(f"{folder} is not a folder; a component needs its own folder of weights.")
+        self._index_path = _index_file(self.folder)
+        self._weight_map = None if self._index_path is None else read_index(self._index_path)
+        self.files = _find_weight_files(self.folder, self._index_path, self._weight_map)
         self._handles = {path: _open(path) for path in self.files}
         self._metadata: dict[str, str] = {}
         for handle in self._handles.values():
@@ -129,14 +138,12 @@ class ComponentCheckpoint:
             ) from error
 
     def _check_index_covers_keys(self) -> None:
-        index_path = _index_file(self.folder)
-        if index_path is None:
+        if self._weight_map is None:
             return
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-        absent = sorted(set(weight_map) - set(self._file_of))
+        absent = sorted(set(self._weight_map) - set(self._file_of))
         if absent:
             raise CheckpointError(
-                f"{index_path} lists {len(absent)} tensors that no shard holds (e.g. {absent[:3]}). "
+                f"{self._index_path} lists {len(absent)} tensors that no shard holds (e.g. {absent[:3]}). "
                 "A shard is missing or incomplete; replace the component's files with a complete copy."
             )
 
@@ -146,15 +153,61 @@ def _index_file(folder: Path) -> Path | None:
     return indexes[0] if indexes else None
 
 
-def _find_weight_files(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder} is not a folder; a component needs its own folder of weights.")
-    index_path = _index_file(folder)
-    if index_path is not None:
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as error:
-            raise CheckpointError(f"{index_path} is not a valid safetensors index ({error}).") from error
+def read_index(index_path: Path) -> dict[str, str]:
+    """The ``weight_map`` (tensor name -> shard file name) of a safetensors index, checked to be one.
+
+    Each shard name must be a plain file name: the index cannot point outside the folder.
+    """
+
+    def invalid(problem: str) -> CheckpointError:
+        return CheckpointError(
+            f"{index_path} is not a valid safetensors index ({problem}). Replace it with the index the model was "
+            "saved with."
+        )
+
+    try:
+        raw = json.loads(index_path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise invalid(f"not UTF-8: {error.reason} at byte {error.start}") from None
+    except (ValueError, RecursionError) as error:
+        raise invalid(f"not JSON: {type(error).__name__}: {error}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("weight_map"), dict):
+        raise invalid('it must be a JSON object with a "weight_map" object')
+    weight_map = raw["weight_map"]
+    for key, name in weight_map.items():
+        if not isinstance(name, str):
+            raise invalid(f"tensor {key!r} maps to {name!r}, not a file name")
+        if name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name or Path(name).is_absolute():
+            raise invalid(
+                f"tensor {key!r} maps to {name!r}; shard names must be plain file names inside the component folder"
+            )
+    return weight_map
+
+
+def _check_inside(folder: Path, path: Path) -> None:
+    """`path` (a file named in `folder`) must not be a symlink leading out of it, but for the Hub cache's blobs."""
+    target = path.resolve()
+    roots = [folder.resolve()]
+    parts = folder.absolute().parts
+    if "snapshots" in parts:  # huggingface_hub: <repo>/snapshots/<revision>/... -> <repo>/blobs/<hash>
+        repo = Path(*parts[: len(parts) - 1 - parts[::-1].index("snapshots")])
+        roots.append((repo / "blobs").resolve())
+    if not any(target.is_relative_to(root) for root in roots):
+        raise CheckpointError(
+            f"{path} is a symlink to {target}, outside the component folder {folder}; pipequant reads only files "
+            "inside it. Copy the file into the folder instead of linking it."
+        )
+
+
+def _find_weight_files(folder: Path, index_path: Path | None, weight_map: dict[str, str] | None) -> list[Path]:
+    files = _weight_files(folder, index_path, weight_map)
+    for path in files:
+        _check_inside(folder, path)
+    return files
+
+
+def _weight_files(folder: Path, index_path: Path | None, weight_map: dict[str, str] | None) -> list[Path]:
+    if index_path is not None and weight_map is not None:  # both or neither
         files = [folder / name for name in sorted(set(weight_map.values()))]
         missing = [path.name for path in files if not path.is_file()]
         if missing:
