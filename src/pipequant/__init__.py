@@ -6,6 +6,7 @@ from .backends.gguf.config import GGUFQuantizationConfig
 from .backends.quanto import QuantoConfig
 from .backends.torchao import TorchAoConfig
 from .checkpoint import CheckpointError
+from .component_classes import allow_library
 from .config import PipelineQuantizationConfig
 from .gguf_saving import save_gguf
 from .loading import PipelineFolderError, load_model, load_pipeline, quantize_pipeline
@@ -26,6 +27,7 @@ __all__ = [
     "QuantizationConfigError",
     "QuantoConfig",
     "TorchAoConfig",
+    "allow_library",
     "compare",
     "estimate",
     "load_model",

@@ -56,6 +56,10 @@ class Checkpoint(Protocol):
 
     def dtype(self, key: str) -> str: ...
 
+    def is_floating(self, key: str) -> bool:
+        """Whether the tensor reads as floating point (what a float parameter needs)."""
+        ...
+
     def metadata(self) -> dict[str, str]: ...
 
     def read(self, key: str, device: torch.device | str = "cpu") -> torch.Tensor: ...
@@ -97,6 +101,10 @@ class ComponentCheckpoint:
     def dtype(self, key: str) -> str:
         """The stored dtype as safetensors names it (e.g. "BF16")."""
         return self._handles[self._file_of[key]].get_slice(key).get_dtype()
+
+    def is_floating(self, key: str) -> bool:
+        dtype = SAFETENSORS_DTYPES.get(self.dtype(key))
+        return dtype is not None and dtype.is_floating_point
 
     def stored_float_dtype(self) -> torch.dtype | None:
         """The floating dtype that most stored elements have; None when nothing stored is floating.
@@ -145,6 +153,13 @@ class ComponentCheckpoint:
             raise CheckpointError(
                 f"{self._index_path} lists {len(absent)} tensors that no shard holds (e.g. {absent[:3]}). "
                 "A shard is missing or incomplete; replace the component's files with a complete copy."
+            )
+        misplaced = sorted(key for key, path in self._file_of.items() if self._weight_map.get(key) != path.name)
+        if misplaced:
+            raise CheckpointError(
+                f"{self._index_path} does not list {len(misplaced)} tensors where the shards hold them "
+                f"(e.g. {misplaced[:3]}). The index and the shards come from different saves; replace the "
+                "component's files with a complete copy."
             )
 
 

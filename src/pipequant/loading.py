@@ -2,15 +2,15 @@
 
 The flow goes one way: resolve the folder, read `model_index.json`, resolve and validate the
 quantization config per component (before any weight is read), then load each component —
-non-models and unquantized models with their own `from_pretrained`, quantized models by
-streaming (see `streaming.py`) — and assemble the pipeline class the index names.
+tokenizers, schedulers and processors with their own `from_pretrained`, every model (quantized or
+not) by streaming (see `streaming.py`) — and assemble the pipeline class the index names. Which
+classes an index may name is `component_classes.py`'s rule.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import inspect
 import json
 from collections.abc import Iterator
@@ -23,15 +23,12 @@ from torch import nn
 from .backends import backend_for
 from .backends.base import BackendConfig
 from .checkpoint import CheckpointError, ComponentCheckpoint
+from .component_classes import PipelineFolderError, component_class, pipeline_class
 from .config import PipelineQuantizationConfig
 from .gguf_loading import is_gguf_file, load_gguf_model
 from .quantizing import quantize_model
 from .restoring import saved_config
 from .streaming import ProgressCallback, build_empty_model, count_layers, stream_model
-
-
-class PipelineFolderError(ValueError):
-    """A path or repo id that is not a usable diffusers pipeline."""
 
 
 @dataclasses.dataclass
@@ -45,7 +42,11 @@ class PipelineIndex:
 
     def component_class(self, name: str) -> type | None:
         entry = self.components[name]
-        return None if entry is None else _import_class(*entry, component=name)
+        return None if entry is None else component_class(*entry, component=name, index_path=self.index_path)
+
+    @property
+    def index_path(self) -> Path:
+        return self.folder / "model_index.json"
 
     def split_components(self) -> tuple[list[str], list[str]]:
         """(torch-model components, other components such as tokenizers and schedulers)."""
@@ -88,18 +89,23 @@ def read_pipeline_index(folder: str | Path) -> PipelineIndex:
             "For a single model use pipequant.load_model."
         )
     try:
-        raw = json.loads(index_path.read_text())
-    except json.JSONDecodeError as error:
-        raise PipelineFolderError(f"{index_path} is not valid JSON ({error}).") from error
+        raw = json.loads(index_path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise PipelineFolderError(f"{index_path} is not valid JSON ({type(error).__name__}: {error}).") from error
+    if not isinstance(raw, dict) or not isinstance(raw.get("_class_name"), str):
+        raise PipelineFolderError(
+            f"{index_path} is not a pipeline index: it must be a JSON object with the pipeline's \"_class_name\"."
+        )
     components: dict[str, tuple[str, str] | None] = {}
     settings: dict[str, Any] = {}
     for key, value in raw.items():
         if key.startswith("_"):
             continue
-        if isinstance(value, list) and len(value) == 2:
+        if isinstance(value, list) and len(value) == 2 and all(item is None or isinstance(item, str) for item in value):
             components[key] = None if value[0] is None or value[1] is None else (value[0], value[1])
         else:
             settings[key] = value
+    pipeline_class(raw["_class_name"], index_path=index_path)  # refused before any component is read
     return PipelineIndex(folder, raw["_class_name"], components, settings)
 
 
@@ -224,23 +230,20 @@ def _load_component(
     if cls is None:
         return None
     folder = index.folder / name
-    if config is not None:
-        checkpoint = ComponentCheckpoint(folder)
-        model = build_empty_model(cls, folder)
-        on_layer = add_task(f"{name} ({config.backend_name})", count_layers(model))
-        return stream_model(
-            model, checkpoint, config=config, dtype=torch_dtype, device=device, on_layer=on_layer, saved=saved
-        )
-    if issubclass(cls, nn.Module):
-        checkpoint = ComponentCheckpoint(folder)  # the same clear errors for bad files as the streaming path
-        # None keeps the stored dtype, as for streamed components (diffusers alone would make it
-        # float32): a pipeline saved in bfloat16 comes back in bfloat16 throughout
-        dtype = torch_dtype or checkpoint.stored_float_dtype()
-        kwargs = {} if dtype is None else {"dtype": dtype}  # the keyword of diffusers >= 0.42 and transformers 5
-        model = cls.from_pretrained(folder, **kwargs)
-        add_task(name, 1)(1, 1)
-        return model.to(device) if device.type != "cpu" else model
-    return cls.from_pretrained(folder)
+    if not issubclass(cls, nn.Module):
+        return cls.from_pretrained(folder)
+    # Every model is streamed, quantized or not: a missing, extra or mis-typed tensor is one error naming the
+    # file and keys (diffusers' from_pretrained warns and leaves random or meta weights), and no pickle is read.
+    checkpoint = ComponentCheckpoint(folder)
+    model = build_empty_model(cls, folder)
+    if config is None:
+        # None keeps the stored dtype (diffusers alone would make it float32): a pipeline saved in bfloat16
+        # comes back in bfloat16 throughout
+        dtype, label = torch_dtype or checkpoint.stored_float_dtype(), name
+    else:
+        dtype, label = torch_dtype, f"{name} ({config.backend_name})"
+    on_layer = add_task(label, count_layers(model))
+    return stream_model(model, checkpoint, config=config, dtype=dtype, device=device, on_layer=on_layer, saved=saved)
 
 
 def _load_gguf_component(
@@ -269,29 +272,12 @@ def _load_gguf_component(
 
 
 def _assemble(index: PipelineIndex, components: dict[str, Any]):
-    import diffusers
-
-    pipeline_class = getattr(diffusers, index.pipeline_class_name, None)
-    if pipeline_class is None:
-        raise PipelineFolderError(
-            f"{index.folder}/model_index.json names pipeline class {index.pipeline_class_name!r}, which this "
-            f"diffusers ({diffusers.__version__}) does not have. Upgrade diffusers."
-        )
-    accepted = inspect.signature(pipeline_class.__init__).parameters
+    cls = pipeline_class(index.pipeline_class_name, index_path=index.index_path)
+    accepted = inspect.signature(cls.__init__).parameters
     settings = {k: v for k, v in index.settings.items() if k in accepted}
-    pipeline = pipeline_class(**components, **settings)
+    pipeline = cls(**components, **settings)
     pipeline.register_to_config(_name_or_path=str(index.folder))
     return pipeline
-
-
-def _import_class(library: str, class_name: str, *, component: str) -> type:
-    try:
-        return getattr(importlib.import_module(library), class_name)
-    except (ImportError, AttributeError) as error:
-        raise PipelineFolderError(
-            f"model_index.json says component {component!r} is {library}.{class_name}, which cannot be imported "
-            f"({error}). Install or upgrade {library!r}."
-        ) from error
 
 
 def _ignore_progress(done: int, total: int) -> None:

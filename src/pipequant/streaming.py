@@ -227,12 +227,19 @@ def match_keys(
             + ". The config and the weights come from different models, or a file is incomplete."
         )
     for key, stored_key in key_map.items():
-        want = tuple(model.get_parameter(key).shape) if _is_param(model, key) else tuple(model.get_buffer(key).shape)
-        have = checkpoint.shape(stored_key)
+        tensor = model.get_parameter(key) if _is_param(model, key) else model.get_buffer(key)
+        want, have = tuple(tensor.shape), checkpoint.shape(stored_key)
         if want != have:
             raise CheckpointError(
                 f"{checkpoint.file_of(stored_key)}: tensor {stored_key!r} has shape {have}, but the model built "
                 f"from config.json expects {want}. The config and the weights come from different models."
+            )
+        if tensor.is_floating_point() != checkpoint.is_floating(stored_key):
+            kind = "floating-point" if tensor.is_floating_point() else f"{tensor.dtype}"
+            raise CheckpointError(
+                f"{checkpoint.file_of(stored_key)}: tensor {stored_key!r} is stored as {checkpoint.dtype(stored_key)}, "
+                f"but the model's {key!r} is {kind}. The file is corrupt or was edited; replace it with a "
+                "complete copy."
             )
     return key_map
 

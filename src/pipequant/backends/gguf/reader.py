@@ -211,6 +211,9 @@ class GGUFCheckpoint:
     def dtype(self, key: str) -> str:
         return "I32" if key in self._type_keys else self._piece(key).ggml_type
 
+    def is_floating(self, key: str) -> bool:
+        return key not in self._type_keys  # every type pipequant reads decodes to floats
+
     def metadata(self) -> dict[str, str]:
         from .backend import REQUESTED_TYPE_KEY
 
