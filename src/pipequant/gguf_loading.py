@@ -26,6 +26,7 @@ from .backends import config_from_dict, get_backend
 from .backends.base import BackendConfig, QuantizationConfigError
 from .backends.gguf.config import GGUFQuantizationConfig
 from .checkpoint import CheckpointError
+from .config_bounds import check_config_fits
 from .streaming import ProgressCallback, build_empty_model, stream_model
 
 
@@ -99,14 +100,16 @@ def _build(model_class: type[nn.Module], file, config_folder: str | Path | None)
     stored_class = file.metadata.model_class
     if stored_class is not None and stored_class.rpartition(".")[2] != model_class.__name__:
         raise CheckpointError(f"{file.path} holds a {stored_class}, not a {model_class.__name__}.")
+    shapes = [piece.shape for piece in file.pieces.values()]
     if config_folder is not None:
-        return build_empty_model(model_class, Path(config_folder))
+        return build_empty_model(model_class, Path(config_folder), shapes)
     config = file.metadata.model_config
     if config is None:
         raise CheckpointError(
             f"{file.path} carries no model config (pipequant did not write it), so the architecture is unknown: pass "
             "config_folder=<folder with the model's config.json> (load_pipeline uses the component's folder)."
         )
+    check_config_fits(config, shapes, f"{file.path} (pipequant.model_config)")
     if hasattr(model_class, "from_config"):  # a diffusers model
         with init_empty_weights():
             return model_class.from_config(config)

@@ -28,7 +28,7 @@ from .config import PipelineQuantizationConfig
 from .gguf_loading import is_gguf_file, load_gguf_model
 from .quantizing import quantize_model
 from .restoring import saved_config
-from .streaming import ProgressCallback, build_empty_model, count_layers, stream_model
+from .streaming import ProgressCallback, build_empty_model, count_layers, stored_shapes, stream_model
 
 
 @dataclasses.dataclass
@@ -144,7 +144,7 @@ def load_model(
         backend.require()
         backend.check_device(config, device)
     checkpoint = ComponentCheckpoint(folder)
-    model = build_empty_model(model_class, folder)
+    model = build_empty_model(model_class, folder, stored_shapes(checkpoint))
     return stream_model(
         model, checkpoint, config=config, dtype=torch_dtype, device=device, on_layer=on_layer, saved=saved is not None
     )
@@ -235,7 +235,7 @@ def _load_component(
     # Every model is streamed, quantized or not: a missing, extra or mis-typed tensor is one error naming the
     # file and keys (diffusers' from_pretrained warns and leaves random or meta weights), and no pickle is read.
     checkpoint = ComponentCheckpoint(folder)
-    model = build_empty_model(cls, folder)
+    model = build_empty_model(cls, folder, stored_shapes(checkpoint))
     if config is None:
         # None keeps the stored dtype (diffusers alone would make it float32): a pipeline saved in bfloat16
         # comes back in bfloat16 throughout

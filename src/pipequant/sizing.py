@@ -25,7 +25,7 @@ from .loading import read_pipeline_index, resolve_pipeline_folder
 from .quantizing import float32_patterns, quantization_targets
 from .report import ComponentMemory
 from .restoring import stored_quantization_config
-from .streaming import build_empty_model, match_keys
+from .streaming import build_empty_model, match_keys, stored_shapes
 
 
 def estimate(
@@ -111,7 +111,7 @@ class ModelLayout:
 
     def __init__(self, model_class: type[nn.Module], folder: Path, torch_dtype: torch.dtype | None) -> None:
         self.checkpoint = ComponentCheckpoint(folder)
-        self.model = build_empty_model(model_class, folder)
+        self.model = build_empty_model(model_class, folder, stored_shapes(self.checkpoint))
         if hasattr(self.model, "tie_weights"):  # as the loader does at the end: tied tensors are one tensor
             self.model.tie_weights()
         self.torch_dtype = torch_dtype

@@ -20,6 +20,7 @@ from torch import nn
 from .backends import backend_for
 from .backends.base import BackendConfig, matches_module_pattern
 from .checkpoint import Checkpoint, CheckpointError
+from .config_bounds import check_config_fits
 from .quantizing import (
     RECORD_ATTRIBUTE,
     QuantizationRecord,
@@ -33,14 +34,18 @@ from .restoring import restore_layer, saved_layers
 ProgressCallback = Callable[[int, int], None]
 
 
-def build_empty_model(model_class: type[nn.Module], folder: Path) -> nn.Module:
+def build_empty_model(model_class: type[nn.Module], folder: Path, shapes: list[tuple[int, ...]]) -> nn.Module:
     """The model with its parameters on the meta device, from the config in `folder`.
 
-    Buffers are real (created on the CPU), as accelerate's `init_empty_weights` leaves them, so
-    non-persistent buffers (position ids, rotary tables) that no checkpoint holds are ready.
+    The config is first checked against the stored tensors' `shapes` (`config_bounds`), so a config that
+    cannot fit the weights fails before the build costs anything. Buffers are real (created on the
+    CPU), as accelerate's `init_empty_weights` leaves them, so non-persistent buffers (position ids,
+    rotary tables) that no checkpoint holds are ready.
     """
+    source = Path(folder) / "config.json"
     if hasattr(model_class, "load_config") and hasattr(model_class, "from_config"):  # a diffusers model
         config = model_class.load_config(folder)
+        check_config_fits(config, shapes, source)
         with init_empty_weights():
             return model_class.from_config(config)
     config_class = getattr(model_class, "config_class", None)
@@ -50,8 +55,14 @@ def build_empty_model(model_class: type[nn.Module], folder: Path) -> nn.Module:
             "from a config. Load it yourself and pass it to load_pipeline as a component."
         )
     config = config_class.from_pretrained(folder)
+    check_config_fits(config.to_dict(), shapes, source)
     with init_empty_weights():
         return model_class(config)
+
+
+def stored_shapes(checkpoint: Checkpoint) -> list[tuple[int, ...]]:
+    """The shape of every tensor `checkpoint` holds (from its headers), for `build_empty_model`."""
+    return [checkpoint.shape(key) for key in checkpoint.keys()]
 
 
 def stream_model(
