@@ -32,7 +32,7 @@ from pipequant import (
     save_model,
     save_pipeline,
 )
-from pipequant import saving
+from pipequant import atomic, saving
 
 TESTS = Path(__file__).parent
 
@@ -301,6 +301,68 @@ def test_killed_save_leaves_previous_folder_intact(saved_nf4: Path, tmp_path: Pa
     leftovers = [p for p in tmp_path.iterdir() if p != target]
     assert leftovers and all(p.name.startswith(".out.saving-") for p in leftovers)  # hidden, beside the target
     assert not [p for p in leftovers if (p / "model_index.json").exists()]  # and never looks complete
+    save_model(load_pipeline(saved_nf4).vae, tmp_path / "vae")  # a save elsewhere leaves them alone
+    assert all(p.exists() for p in leftovers)
+    save_pipeline(load_pipeline(saved_nf4), target, overwrite=True)  # the next save to the target removes them
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "vae"]
+
+
+# Runs in a fresh interpreter: overwrites a saved folder and is killed (SIGKILL) in the middle of replacing it,
+# right after the atomic exchange ("exchange"), or where the exchange is not available, between moving the
+# old folder aside and renaming the new one in ("fallback").
+KILLED_REPLACE = """
+import os, signal, sys
+from pathlib import Path
+from pipequant import atomic, load_pipeline, save_pipeline
+
+source, target, mode = sys.argv[1:]
+pipe = load_pipeline(source)
+exchange, rename = atomic.exchange, Path.rename
+
+def exchanged_then_killed(a, b):
+    assert exchange(a, b)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def moved_aside_then_killed(self, to):
+    result = rename(self, to)
+    if self == Path(target):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return result
+
+if mode == "exchange":
+    atomic.exchange = exchanged_then_killed
+else:
+    atomic.exchange = lambda a, b: False
+    Path.rename = moved_aside_then_killed
+save_pipeline(pipe, target, overwrite=True)
+"""
+
+
+@pytest.mark.skipif(atomic._RENAMEAT2 is None, reason="renameat2 is Linux-only")
+def test_a_save_killed_during_the_exchange_leaves_the_new_target(saved_nf4: Path, flux_path: Path, tmp_path: Path):
+    target = tmp_path / "out"
+    shutil.copytree(flux_path, target)
+    run = subprocess.run([sys.executable, "-c", KILLED_REPLACE, str(saved_nf4), str(target), "exchange"], timeout=300)
+    assert run.returncode == -9
+    new, saved = folder_bytes(target), folder_bytes(saved_nf4)
+    assert new.keys() == saved.keys()  # the new folder, complete, in one step
+    assert all(new[name] == saved[name] for name in new if name != "model_index.json")  # (its _name_or_path differs)
+    assert [p.name.startswith(".out.saving-") for p in tmp_path.iterdir() if p != target] == [True]  # the old one
+    load_pipeline(target)  # a load removes what the killed save left
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_save_killed_between_the_fallback_renames_is_restored(saved_nf4: Path, flux_path: Path, tmp_path: Path):
+    target = tmp_path / "out"
+    shutil.copytree(flux_path, target)
+    previous = folder_bytes(target)
+    run = subprocess.run([sys.executable, "-c", KILLED_REPLACE, str(saved_nf4), str(target), "fallback"], timeout=300)
+    assert run.returncode == -9
+    assert not target.exists()
+    with pytest.warns(atomic.InterruptedSaveWarning, match="the previous out was restored"):
+        load_pipeline(target)
+    assert folder_bytes(target) == previous
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def test_a_reloaded_pipeline_saves_the_same_bytes(saved_nf4: Path, tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .atomic import recover
 from .backends import backend_for
 from .backends.base import BackendConfig
 from .checkpoint import CheckpointError, ComponentCheckpoint
@@ -62,6 +63,7 @@ class PipelineIndex:
 def resolve_pipeline_folder(path_or_repo_id: str | Path) -> Path:
     """A local folder as is; anything else is a Hub repo id, fetched (or found in the cache) by huggingface_hub."""
     path = Path(path_or_repo_id).expanduser()
+    recover(path)  # what a killed save_pipeline left beside it
     if path.is_dir():
         return path
     if path.exists() or str(path_or_repo_id).count("/") != 1:
@@ -128,6 +130,7 @@ def load_model(
     `folder` may also be a single .gguf file (see `gguf_loading.load_gguf_model`); its architecture
     comes from `config_folder`'s config.json, or from the file when pipequant wrote it.
     """
+    recover(Path(folder))  # what a killed save_model / save_gguf left beside it
     if is_gguf_file(folder):
         return load_gguf_model(
             model_class, folder, quantization_config, torch_dtype=torch_dtype, device=device, on_layer=on_layer,

@@ -7,9 +7,10 @@ and the config entry are the ones diffusers and transformers write, so each libr
 the other wrote. Everything else is saved by its own ``save_pretrained``.
 
 Writes are atomic: everything goes to a hidden temporary folder beside the target, which is
-renamed into place only when complete (model_index.json / config.json are written last, so even
-a left-over temporary folder does not look complete). A failed or killed save leaves an existing
-target as it was.
+put in place only when complete (model_index.json / config.json are written last, so even a
+left-over temporary folder does not look complete), in one atomic exchange on Linux (see
+`atomic.py`, which also says how other systems recover). A failed or killed save leaves an
+existing target as it was, and the next save to the target removes what a killed one left.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 from torch import nn
 
+from .atomic import recover, replace_folder, temporary_prefix
 from .backends import get_backend
 from .backends.base import Backend
 from .quantizing import RECORD_ATTRIBUTE, QuantizationRecord
@@ -168,31 +170,16 @@ def _write_config(model: nn.Module, record: QuantizationRecord, folder: Path) ->
 @contextlib.contextmanager
 def _atomic_folder(out: Path, overwrite: bool) -> Iterator[Path]:
     """Yields a temporary folder beside `out`; when the block succeeds it replaces `out`."""
+    recover(out)  # first: a save killed mid-replace may have left the old target aside
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder.")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} is not empty; pass overwrite=True to replace it.")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.saving-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(out), dir=out.parent))
     try:
         yield tmp
         tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
-        _replace(out, tmp)
+        replace_folder(out, tmp)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _replace(out: Path, new: Path) -> None:
-    """Rename `new` to `out`; an existing `out` is moved aside first, put back if the rename fails, else deleted."""
-    if not out.exists():
-        new.rename(out)
-        return
-    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced-", dir=out.parent))
-    out.rename(aside / out.name)
-    try:
-        new.rename(out)
-    except BaseException:
-        (aside / out.name).rename(out)
-        raise
-    finally:
-        shutil.rmtree(aside, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # the unfinished folder, or the old one after an exchange

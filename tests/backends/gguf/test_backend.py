@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -366,6 +368,32 @@ def test_export_is_atomic_and_refuses_to_overwrite(flux_path, exported, tmp_path
     assert list(target.parent.iterdir()) == []
     save_gguf(model, target, layout="diffusers")
     assert [p.name for p in target.parent.iterdir()] == ["t.gguf"]
+
+
+# Runs in a fresh interpreter: overwrites a .gguf file and is killed (SIGKILL) while writing its tensors.
+KILLED_EXPORT = """
+import os, signal, sys
+from diffusers import FluxTransformer2DModel
+from gguf import GGUFWriter
+from pipequant import load_model, save_gguf
+
+source, target = sys.argv[1:]
+model = load_model(FluxTransformer2DModel, source)
+GGUFWriter.write_tensor_data = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+save_gguf(model, target, overwrite=True)
+"""
+
+
+def test_a_killed_export_keeps_the_file_and_the_next_one_cleans_up(exported, tmp_path):
+    target = tmp_path / "t.gguf"
+    target.write_bytes(exported.read_bytes())
+    run = subprocess.run([sys.executable, "-c", KILLED_EXPORT, str(exported), str(target)], timeout=300)
+    assert run.returncode == -9
+    assert target.read_bytes() == exported.read_bytes()
+    leftovers = [p.name for p in tmp_path.iterdir() if p != target]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".t.gguf.saving-") and leftovers[0].endswith(".tmp")
+    save_gguf(load_model(FluxTransformer2DModel, exported), target, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["t.gguf"]
 
 
 # --- clear errors ---------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 Tensors are declared first and their bytes produced one at a time while the data section is
 written, so a file is written with one tensor (one stacked BFL tensor at most) in memory beyond
 the model. The file goes to a temporary name beside the target and is renamed over it only once
-complete and synced: a failed or killed write leaves no partial file under the target's name.
+complete and synced: a failed or killed write leaves no partial file under the target's name, and
+the next write to the same path removes the temporary a killed one left (`atomic.py`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ...atomic import recover, temporary_prefix
 from .flux_names import flux_tensors_from_diffusers
 from .metadata import FILE_TYPES
 
@@ -117,7 +119,8 @@ def write_gguf(
             name, tensor.byte_shape, np.dtype(np.uint8), tensor.nbytes, raw_dtype=GGMLQuantizationType[tensor.ggml_type]
         )
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    recover(path)  # temporaries of killed writes to this path
+    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=temporary_prefix(path), suffix=".tmp")
     os.close(handle)
     tmp = Path(tmp_name)
     try:
