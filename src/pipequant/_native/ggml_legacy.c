@@ -7,6 +7,11 @@
  *         q = trunc(x * (1 / d) + 8.5 (16.5)), at most 15 (31);
  *   Q4_1 / Q5_1: d = (max - min) / 15 (31), q = trunc((x - min) * (1 / d) + 0.5), at most 15 (31);
  * with 1 / d taken as 0 where d is 0, and the scales stored as float16 (nearest even).
+ * A NaN in a block makes its scale NaN as in numpy (argmax takes the first NaN, which keeps its sign;
+ * min and max give the positive quiet NaN) and every level 0 (numpy's cast of NaN to an integer on
+ * the machines we build for; in C the cast would be undefined, so it is spelled out). The one
+ * difference: a NaN scale is stored as float16 0x7E00 with its sign, without the float's other
+ * payload bits, which only NaNs made on purpose carry (arithmetic makes the default NaN).
  * ggml_quantize.c splits the blocks between threads.
  */
 #include <math.h>
@@ -17,9 +22,19 @@
 
 INLINE float inverse_or_zero(float d) { return d == 0.0f ? 0.0f : 1.0f / d; }
 
-/* the value of largest magnitude, the first one on ties (numpy's argmax of abs) */
+/* trunc(v) as a level in 0..top; NaN (a NaN scale, or inf * 0) is level 0 as numpy casts it */
+INLINE uint8_t level(float v, int top) {
+    if (isnan(v)) return 0;
+    const int32_t truncated = (int32_t)v; /* the sums are never negative, and at most top + 1 */
+    return (uint8_t)(truncated < top ? truncated : top);
+}
+
+/* the value of largest magnitude, the first one on ties (numpy's argmax of abs, where NaN is largest) */
 INLINE float signed_absmax(const float *x) {
     float largest = x[0], magnitude = fabsf(x[0]);
+    for (int i = 0; i < QK; i++) {
+        if (isnan(x[i])) return x[i];
+    }
     for (int i = 1; i < QK; i++) {
         if (fabsf(x[i]) > magnitude) {
             magnitude = fabsf(x[i]);
@@ -29,8 +44,15 @@ INLINE float signed_absmax(const float *x) {
     return largest;
 }
 
-/* min and max, the first one on ties (so the sign of a zero is the first zero's) */
+/* min and max, the first one on ties (so the sign of a zero is the first zero's); with a NaN both are
+ * the positive quiet NaN numpy's reductions return, whatever the NaN's sign and payload */
 INLINE void min_max(const float *x, float *min, float *max) {
+    for (int i = 0; i < QK; i++) {
+        if (isnan(x[i])) {
+            *min = *max = from_bits(0x7FC00000u);
+            return;
+        }
+    }
     *min = *max = x[0];
     for (int i = 1; i < QK; i++) {
         if (x[i] < *min) *min = x[i];
@@ -75,10 +97,7 @@ INLINE void symmetric(const float *x, uint8_t *out, int levels) {
     const float d = signed_absmax(x) / (float)(-levels / 2);
     const float id = inverse_or_zero(d);
     const float offset = (float)(levels / 2) + 0.5f;
-    for (int i = 0; i < QK; i++) {
-        const int32_t level = (int32_t)(x[i] * id + offset); /* trunc: the sum is never negative */
-        q[i] = (uint8_t)(level < levels - 1 ? level : levels - 1);
-    }
+    for (int i = 0; i < QK; i++) q[i] = level(x[i] * id + offset, levels - 1);
     store_half(out, d);
     if (levels == 16) {
         pack_nibbles(q, out + 2);
@@ -95,10 +114,7 @@ INLINE void with_min(const float *x, uint8_t *out, int levels) {
     min_max(x, &min, &max);
     const float d = (max - min) / (float)(levels - 1);
     const float id = inverse_or_zero(d);
-    for (int i = 0; i < QK; i++) {
-        const int32_t level = (int32_t)((x[i] - min) * id + 0.5f); /* trunc: the sum is never negative */
-        q[i] = (uint8_t)(level < levels - 1 ? level : levels - 1);
-    }
+    for (int i = 0; i < QK; i++) q[i] = level((x[i] - min) * id + 0.5f, levels - 1);
     store_half(out, d);
     store_half(out + 2, min);
     if (levels == 16) {

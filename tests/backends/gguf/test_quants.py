@@ -122,6 +122,20 @@ def test_nan_payloads_like_gguf(name: str) -> None:
     assert np.array_equal(quantize(torch.from_numpy(x), name).numpy(), _gguf_bytes(x, name))
 
 
+@pytest.mark.parametrize("name", LEGACY_TYPES)
+def test_compiled_quantizers_give_gguf_py_bytes_for_nan_blocks(name: str) -> None:
+    """A NaN anywhere in a block makes gguf-py's scale NaN and every level 0; the kernel must agree
+    (it used to see a NaN only in a block's first weight). Rows: NaN first, in the middle, everywhere,
+    with an inf, and the default NaN arithmetic makes on x86 (sign set)."""
+    assert resolve(name).compiled_quantizer is not None, f"the compiled quantizer for {name} was not built"
+    x = np.random.default_rng(0).standard_normal((6, 32)).astype(np.float32)
+    x[0, 0] = x[1, 17] = x[2] = x[3, 31] = np.nan
+    x[3, 5] = np.inf
+    x[4, 4] = np.array([0xFFC00000], np.uint32).view(np.float32)[0]
+    x[5, 9], x[5, 1] = np.nan, -np.inf
+    assert np.array_equal(quantize(torch.from_numpy(x), name).numpy(), _gguf_bytes(x, name))
+
+
 def reference_inputs(seed: int, rows: int = 256, cols: int = 1024) -> np.ndarray:
     """Weights that reach every branch of the C quantizers: one distribution per 256 weights.
 
@@ -254,6 +268,24 @@ def test_bad_row_length() -> None:
         dequantize(torch.zeros(34, dtype=torch.uint8), "Q8_0", (1, 48))
     with pytest.raises(ValueError, match="144 uint8 bytes"):
         dequantize(torch.zeros(100, dtype=torch.uint8), "Q4_K", (1, 256))
+
+
+@pytest.mark.parametrize("name", ALL_TYPES)
+def test_zero_size_tensors_are_a_clear_error(name: str) -> None:
+    for shape in [(0, block_size(name)), (2, 0)]:
+        with pytest.raises(ValueError, match=r"has no elements; a GGML tensor holds at least one block"):
+            quantize(torch.empty(shape), name)
+        with pytest.raises(ValueError, match=r"has no elements"):
+            dequantize(torch.empty(0, dtype=torch.uint8), name, shape)
+
+
+@pytest.mark.parametrize("name", ALL_TYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # float16: the torch codecs, not the kernel
+def test_byte_slices_at_odd_offsets_dequantize_like_aligned_ones(name: str, dtype: torch.dtype) -> None:
+    raw = quantize(torch.randn(2, 256, generator=torch.Generator().manual_seed(0)), name).view(-1)
+    odd = torch.cat([torch.zeros(1, dtype=torch.uint8), raw])[1:]
+    assert odd.storage_offset() == 1
+    assert torch.equal(dequantize(odd, name, (2, 256), dtype), dequantize(raw, name, (2, 256), dtype))
 
 
 @pytest.mark.parametrize("name", K_TYPES)

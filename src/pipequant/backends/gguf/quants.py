@@ -472,7 +472,9 @@ def type_size(qtype: QuantType) -> int:
     return resolve(qtype).type_size
 
 
-def _check_row(codec: type[GGMLQuant], row: int) -> None:
+def _check_row(codec: type[GGMLQuant], row: int, shape: tuple[int, ...]) -> None:
+    if 0 in shape:
+        raise ValueError(f"shape {shape} has no elements; a GGML tensor holds at least one block")
     if row % codec.block_size:
         raise ValueError(f"row length {row} is not a multiple of the {codec.qtype.name} block size {codec.block_size}")
 
@@ -484,7 +486,7 @@ def quantize(tensor: torch.Tensor, qtype: QuantType) -> torch.Tensor:
     """
     codec = resolve(qtype)
     row = tensor.shape[-1] if tensor.dim() else 1
-    _check_row(codec, row)
+    _check_row(codec, row, tuple(tensor.shape))
     return codec.quantize_rows(tensor.reshape(-1, row))
 
 
@@ -495,7 +497,7 @@ def dequantize(
     codec = resolve(qtype)
     shape = tuple(shape)
     row = shape[-1] if shape else 1
-    _check_row(codec, row)
+    _check_row(codec, row, shape)
     numel = 1
     for dim in shape:
         numel *= dim
@@ -504,7 +506,10 @@ def dequantize(
         raise ValueError(
             f"{codec.qtype.name} data for shape {shape} must be {expected} uint8 bytes, got {raw.numel()} {raw.dtype}"
         )
-    return codec.dequantize_rows(raw.contiguous().view(-1), dtype).view(shape)
+    raw = raw.contiguous()
+    if raw.storage_offset() % 8:  # a slice at an odd byte: the torch codecs view it as wider words
+        raw = raw.clone()
+    return codec.dequantize_rows(raw.view(-1), dtype).view(shape)
 
 
 from . import kquants as _kquants  # noqa: E402,F401  (registers Q2_K..Q6_K)
