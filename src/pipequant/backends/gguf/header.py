@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import mmap
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -75,11 +74,6 @@ class TensorInfo:
     def shape(self) -> tuple[int, ...]:
         """torch / numpy order: outermost first."""
         return tuple(reversed(self.dims))
-
-    @property
-    def row_bytes(self) -> int:
-        block, size = GGML_QUANT_SIZES[self.ggml_type]
-        return self.dims[0] // block * size
 
 
 @dataclasses.dataclass(frozen=True)
