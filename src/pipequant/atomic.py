@@ -15,6 +15,7 @@ by the next save (or load) of the same target; those of running processes are le
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -112,10 +113,12 @@ def _running(pid: int) -> bool:
 
 
 def _remove(path: Path) -> None:
+    """Best effort: a leftover that cannot be removed (a read-only folder) must not stop a load."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def _load_renameat2():
