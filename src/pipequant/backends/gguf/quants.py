@@ -363,6 +363,19 @@ class Q8_0(GGMLQuant, qtype=GGMLQuantizationType.Q8_0):
         scale_into(out, blocks[:, 2:].view(torch.int8), fp16_value(blocks[:, :2]))
 
 
+def _argmax_of_abs(blocks: torch.Tensor) -> torch.Tensor:
+    """gguf-py's ``take_along_axis(x, abs(x).argmax())`` (keepdim): `absmax_signed`, except that a NaN
+    is the largest, the block's first one, sign and payload kept (torch's amax returns its own NaN).
+    The scale stored from it keeps them too (`F16.quantize_blocks`, numpy's conversion)."""
+    largest = absmax_signed(blocks, 1)
+    nan = torch.isnan(largest).view(-1)
+    if nan.any():
+        rows = nan.nonzero().squeeze(1)
+        sub = blocks[rows]
+        largest[rows] = sub.gather(1, torch.isnan(sub).to(torch.uint8).argmax(1, keepdim=True))
+    return largest
+
+
 def _nibbles(q: torch.Tensor) -> torch.Tensor:
     """``(n, 32)`` 4-bit values -> 16 bytes: weight j in the low, j + 16 in the high nibble."""
     return q[:, :16] | (q[:, 16:] << 4)
@@ -373,9 +386,9 @@ class Q4_0(GGMLQuant, qtype=GGMLQuantizationType.Q4_0):
 
     @classmethod
     def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
-        d = div(absmax_signed(blocks, 1), -8.0)
+        d = div(_argmax_of_abs(blocks), -8.0)
         q = (blocks * _inverse(d)).add_(8.5).trunc_().clamp_(0, 15).to(torch.int8).view(torch.uint8)
-        return torch.cat((fp16_bytes(d), _nibbles(q)), 1)
+        return torch.cat((F16.quantize_blocks(d), _nibbles(q)), 1)
 
     @classmethod
     def dequantize_blocks(cls, blocks: torch.Tensor, out: torch.Tensor) -> None:
@@ -425,9 +438,9 @@ class Q5_0(GGMLQuant, qtype=GGMLQuantizationType.Q5_0):
 
     @classmethod
     def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
-        d = div(absmax_signed(blocks, 1), -16.0)
+        d = div(_argmax_of_abs(blocks), -16.0)
         q = (blocks * _inverse(d)).add_(16.5).trunc_().clamp_(0, 31).to(torch.int8).view(torch.uint8)
-        return torch.cat((fp16_bytes(d), *_pack_q5(q)), 1)
+        return torch.cat((F16.quantize_blocks(d), *_pack_q5(q)), 1)
 
     @classmethod
     def dequantize_blocks(cls, blocks: torch.Tensor, out: torch.Tensor) -> None:
