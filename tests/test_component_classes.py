@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 import struct
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from pipequant import CheckpointError, PipelineFolderError, allow_library, estimate, load_pipeline
 from pipequant import component_classes
+from pipequant.loading import read_pipeline_index
+
+FUZZ_EXAMPLES = int(os.environ.get("PIPEQUANT_FUZZ_EXAMPLES", "300"))
 
 
 def copy_with_index(source: Path, target: Path, **entries) -> Path:
@@ -66,6 +73,30 @@ def test_an_index_of_the_wrong_shape_is_a_pipeline_folder_error(tmp_path, conten
     (tmp_path / "model_index.json").write_bytes(content)
     with pytest.raises(PipelineFolderError, match=match):
         load_pipeline(tmp_path)
+
+
+_NAMES = st.sampled_from(["diffusers", "transformers", "os", "this", "FluxPipeline", "CLIPTokenizer", "AutoModel",
+                          "FluxTransformer2DModel", "ModelMixin", "__class__", "pipeline", "x"])
+_VALUES = st.none() | st.booleans() | st.integers() | _NAMES | st.lists(st.none() | _NAMES, max_size=3)
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(
+    st.dictionaries(st.sampled_from(["_class_name", "transformer", "tokenizer", "scheduler", "flag"]), _VALUES),
+    _VALUES,
+).map(json.dumps))
+def test_fuzz_model_index_files(content):
+    """Any index resolves to allowed classes or is one PipelineFolderError, and imports nothing else."""
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "model_index.json").write_text(content)
+        try:
+            index = read_pipeline_index(folder)
+            models, others = index.split_components()
+            assert all(index.component_class(name).__module__.split(".")[0] in ("diffusers", "transformers")
+                       for name in models + others)
+        except PipelineFolderError as error:
+            assert str(error).startswith(str(Path(folder) / "model_index.json"))
+    assert "this" not in sys.modules
 
 
 def test_allow_library_lets_a_trusted_library_in(flux_path, tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import struct
+import tempfile
 import tracemalloc
 from pathlib import Path
 
@@ -235,6 +236,32 @@ def test_fuzz_a_valid_file_with_bytes_changed_or_cut(changes, cut):
     for at, value in changes:
         data[at] = value
     _parses_or_is_refused(bytes(data[:cut]))
+
+
+_FILE_SEED = gguf_file(
+    [kv_string("pipequant.model_config", '{"num_layers": 1}'), kv_string("pipequant.gguf_layers", '["a"]'),
+     kv_string("pipequant.dtype", "bfloat16")],
+    [tensor_info("a.weight", (64, 2), Q8, 0), tensor_info("norm.weight", (64,), Q8, 160)],
+    q8_tensor(2)[1] + bytes(24) + q8_tensor(1)[1] + bytes(28),
+)
+
+
+@_FUZZ
+@given(st.lists(st.tuples(st.integers(0, len(_FILE_SEED) - 1), st.integers(0, 255)), max_size=8))
+def test_fuzz_files_read_tensor_by_tensor(changes):
+    """Past the header: the metadata, the pieces and every tensor read back, or one CheckpointError."""
+    data = bytearray(_FILE_SEED)
+    for at, value in changes:
+        data[at] = value
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "fuzz.gguf"
+        path.write_bytes(bytes(data))
+        try:
+            file = GGUFFile(path)
+            for piece in file.pieces.values():
+                assert piece.tensor().shape == piece.shape
+        except CheckpointError as error:
+            assert str(error).startswith(str(path))
 
 
 _COUNTS = st.sampled_from([0, 1, 2, 255, 2**31, 2**32 - 1, 2**62, 2**64 - 1])
