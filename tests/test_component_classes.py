@@ -158,3 +158,18 @@ def test_an_index_and_shards_that_disagree_are_named(tmp_path):
 
     with pytest.raises(CheckpointError, match=r"does not list 1 tensors where the shards hold them \(e.g. \['b'\]\)"):
         ComponentCheckpoint(folder)
+
+
+@pytest.mark.parametrize("kind", ["flux", "sd"])
+def test_unquantized_components_load_the_state_diffusers_loads(kind, flux_path, sd_path, assert_same_state):
+    from diffusers import DiffusionPipeline
+    from torch import nn
+
+    path = flux_path if kind == "flux" else sd_path
+    ours = load_pipeline(path, torch_dtype=torch.bfloat16)
+    theirs = DiffusionPipeline.from_pretrained(path, dtype=torch.bfloat16)
+    models = [name for name, value in theirs.components.items() if isinstance(value, nn.Module)]
+    assert models
+    for name in models:
+        assert_same_state(getattr(ours, name), getattr(theirs, name))
+        assert getattr(ours, name).training is False
