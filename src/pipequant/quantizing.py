@@ -8,6 +8,7 @@ quantized while loading.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from typing import Any
 
 import torch
@@ -17,6 +18,9 @@ from .backends import backend_for
 from .backends.base import Backend, BackendConfig, matches_module_pattern
 
 RECORD_ATTRIBUTE = "pipequant_record"
+#: the `BackendConfig` a quantized layer was made with, kept on the layer: fusing a LoRA into it quantizes again
+#: with the same settings, and only layers carrying it get pipequant's LoRA layer (see `pipequant.lora`)
+LAYER_CONFIG_ATTRIBUTE = "pipequant_config"
 
 
 @dataclasses.dataclass
@@ -71,11 +75,17 @@ def quantization_targets(model: nn.Module, backend: Backend, config: BackendConf
     }
 
 
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put `new` where `name` was, in the same train/eval mode (kernels pick their path by it)."""
+def replace_module(model: nn.Module, name: str, new: nn.Module, config: BackendConfig) -> None:
+    """Put the quantized layer `new`, made with `config`, where `name` was, in the same train/eval mode (kernels
+    pick their path by it)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     new.train(getattr(parent, child).training)
+    setattr(new, LAYER_CONFIG_ATTRIBUTE, config)
+    if importlib.util.find_spec("peft") is not None:
+        from .lora import register_with_peft
+
+        register_with_peft()
     setattr(parent, child, new)
 
 
@@ -100,7 +110,7 @@ def quantize_model(
         module = model.get_submodule(name)
         layer_device = torch.device(device) if device is not None else module.weight.device
         backend.check_device(config, layer_device)
-        replace_module(model, name, backend.quantize(name, module, config, layer_device))
+        replace_module(model, name, backend.quantize(name, module, config, layer_device), config)
     setattr(
         model,
         RECORD_ATTRIBUTE,

@@ -90,7 +90,7 @@ def stream_model(
             layer = restore_layer(
                 module, name, stored[name], checkpoint, backend=backend, config=config, dtype=dtype, device=device
             )
-            replace_module(model, name, layer)
+            replace_module(model, name, layer, config)
             if on_layer is not None:
                 on_layer(done, len(owners))
             continue
@@ -109,7 +109,7 @@ def stream_model(
         if name in targets:
             assert backend is not None and config is not None
             layer = backend.quantize(name, module, config, device)
-            replace_module(model, name, layer)
+            replace_module(model, name, layer, config)
             if layer is not module:  # `owners` still holds the old layer: drop its full-precision tensors now
                 module._parameters.clear()
             _return_freed_memory()

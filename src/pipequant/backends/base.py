@@ -225,6 +225,16 @@ class Backend(ABC):
     def is_quantized(self, module: nn.Module) -> bool:
         """Whether `module` is a layer this backend produced."""
 
+    @abstractmethod
+    def dequantized_weight(self, module: nn.Module) -> torch.Tensor:
+        """A quantized layer's weight as full-precision values, ``(out_features, in_features)``, in the dtype it
+        was quantized from (what fusing a LoRA adds its delta to before quantizing again, see `pipequant.lora`)."""
+
+    def requantized(self, module: nn.Module, weight: torch.Tensor, config: BackendConfig) -> nn.Module:
+        """A new quantized layer like `module` (made with `config`) for the full-precision `weight`, with
+        `module`'s bias: what fusing a LoRA into `module` makes."""
+        return self.quantize("", linear_like(module, weight), config, weight.device)
+
     def layer_nbytes(self, module: nn.Module) -> int:
         """Bytes a quantized layer really holds (packed data plus scales), not its logical shape."""
         return sum(tensor_nbytes(t) for t in module.state_dict().values())
@@ -258,6 +268,15 @@ class Backend(ABC):
         Raises ValueError when `state` is not a layer this backend stored.
         """
         raise NotImplementedError(f"The {self.name!r} backend cannot restore saved layers yet.")
+
+
+def linear_like(module: nn.Module, weight: torch.Tensor) -> nn.Linear:
+    """A full-precision `nn.Linear` of `weight` with a copy of `module`'s bias, for quantizing again."""
+    linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if module.bias is not None:
+        linear.bias = nn.Parameter(module.bias.data.clone(), requires_grad=False)
+    return linear
 
 
 def bias_nbytes(module: nn.Module, dtype: torch.dtype) -> int:

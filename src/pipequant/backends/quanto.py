@@ -130,6 +130,9 @@ class QuantoBackend(Backend):
 
         return isinstance(module, QModuleMixin)
 
+    def dequantized_weight(self, module: nn.Module) -> torch.Tensor:
+        return module.weight.dequantize()
+
     # --- saving and restoring (see Backend); the stored form is QLinear's own state dict ---
 
     def restore(

@@ -508,6 +508,9 @@ class TorchAoBackend(Backend):
 
         return isinstance(getattr(module, "weight", None), TorchAOBaseTensor)
 
+    def dequantized_weight(self, module: nn.Module) -> torch.Tensor:
+        return module.weight.dequantize()
+
     # --- saving and restoring (see Backend): torchao's own safetensors flattening, no pickle ---
 
     def save_layer(self, module: nn.Module) -> LayerState:

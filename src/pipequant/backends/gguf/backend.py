@@ -14,7 +14,7 @@ from collections.abc import Collection
 import torch
 from torch import nn
 
-from ..base import Backend, BackendConfig, LayerState, QuantizationConfigError
+from ..base import Backend, BackendConfig, LayerState, QuantizationConfigError, linear_like
 from .config import GGUF_TYPES, GGUFQuantizationConfig, fitting_type, row_nbytes
 
 TYPE_TENSOR = "weight_type"
@@ -72,6 +72,16 @@ class GGUFBackend(Backend):
         from .linear import GGUFLinear
 
         return isinstance(module, GGUFLinear)
+
+    def requantized(self, module: nn.Module, weight: torch.Tensor, config: BackendConfig) -> nn.Module:
+        """In the layer's own GGML type and compute dtype: a layer read from a .gguf file may hold any type."""
+        from .linear import quantize_linear
+
+        return quantize_linear(linear_like(module, weight), module.ggml_type, module.compute_dtype, "", weight.device)
+
+    def dequantized_weight(self, module: nn.Module) -> torch.Tensor:
+        """In the layer's compute dtype: the dtype a `GGUFLinear` is quantized from when the config sets none."""
+        return module.dequantized_weight()
 
     def layer_nbytes(self, module: nn.Module) -> int:
         """The raw blocks plus the bias."""
