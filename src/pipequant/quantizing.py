@@ -16,6 +16,7 @@ from torch import nn
 
 from .backends import backend_for
 from .backends.base import Backend, BackendConfig, matches_module_pattern
+from .markers import mark_quantized
 
 RECORD_ATTRIBUTE = "pipequant_record"
 #: the `BackendConfig` a quantized layer was made with, kept on the layer: fusing a LoRA into it quantizes again
@@ -34,6 +35,16 @@ class QuantizationRecord:
     full_precision_nbytes: int
     #: logical parameter count (quantized layers counted by their original shape)
     parameter_count: int
+
+
+def record_quantization(
+    model: nn.Module, record: QuantizationRecord, *, dtype: torch.dtype | None, pre_quantized: bool
+) -> None:
+    """Mark `model` quantized, for pipequant (`record`) and, as diffusers / transformers mark the models they
+    quantize, for them and peft (see `markers`). The one place every quantized or restored model passes."""
+    setattr(model, RECORD_ATTRIBUTE, record)
+    keep = keep_in_fp32_patterns(model)
+    mark_quantized(model, record.config, dtype=dtype, pre_quantized=pre_quantized, keep_in_fp32=keep)
 
 
 def _fp32_lists(model: nn.Module) -> tuple[list[str], list[str]]:
@@ -97,25 +108,24 @@ def quantize_model(
     Each full-precision weight is released as soon as its quantized layer replaces it. Layers
     stay on the device they are on unless `device` is given.
     """
-    if hasattr(model, RECORD_ATTRIBUTE):
+    if hasattr(model, RECORD_ATTRIBUTE) or getattr(model, "is_quantized", False):
+        how = getattr(model, RECORD_ATTRIBUTE, None)
+        how = how.config if how is not None else getattr(model, "quantization_method", "another library")
         raise ValueError(
-            f"This {type(model).__name__} is already quantized ({getattr(model, RECORD_ATTRIBUTE).config!r}); "
-            "quantize a full-precision copy instead."
+            f"This {type(model).__name__} is already quantized ({how!r}); quantize a full-precision copy instead."
         )
     backend = backend_for(config)
     backend.require()
     targets = quantization_targets(model, backend, config)
     full_nbytes, count = _full_precision_size(model)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     for name in sorted(targets, key=_module_order(model)):
         module = model.get_submodule(name)
         layer_device = torch.device(device) if device is not None else module.weight.device
         backend.check_device(config, layer_device)
         replace_module(model, name, backend.quantize(name, module, config, layer_device), config)
-    setattr(
-        model,
-        RECORD_ATTRIBUTE,
-        QuantizationRecord(config, backend.name, len(targets), full_nbytes, count),
-    )
+    record = QuantizationRecord(config, backend.name, len(targets), full_nbytes, count)
+    record_quantization(model, record, dtype=dtype, pre_quantized=False)
     return model
 
 

@@ -21,10 +21,10 @@ from .backends import backend_for
 from .backends.base import BackendConfig, matches_module_pattern
 from .checkpoint import Checkpoint, CheckpointError
 from .quantizing import (
-    RECORD_ATTRIBUTE,
     QuantizationRecord,
     float32_patterns,
     quantization_targets,
+    record_quantization,
     replace_module,
 )
 from .restoring import restore_layer, saved_layers
@@ -124,11 +124,8 @@ def stream_model(
     _check_nothing_left_on_meta(model, checkpoint)
     model.eval()
     if backend is not None and config is not None:
-        setattr(
-            model,
-            RECORD_ATTRIBUTE,
-            QuantizationRecord(config, backend.name, len(targets), full_nbytes, parameter_count),
-        )
+        record = QuantizationRecord(config, backend.name, len(targets), full_nbytes, parameter_count)
+        record_quantization(model, record, dtype=dtype, pre_quantized=saved)
     return model
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
+import importlib
 import importlib.util
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Iterable, Mapping
@@ -50,6 +51,16 @@ def matches_module_pattern(module_name: str, patterns: Iterable[str]) -> bool:
             if any(prefix == pattern or prefix.endswith("." + pattern) for prefix in prefixes):
                 return True
     return False
+
+
+LIBRARIES = ("diffusers", "transformers")
+
+
+def library_module(library: str) -> Any:
+    """The top-level module of diffusers or transformers, whose config classes `to_library` builds."""
+    if library not in LIBRARIES:
+        raise ValueError(f"library must be one of {', '.join(LIBRARIES)}, not {library!r}")
+    return importlib.import_module(library)
 
 
 def dtype_from_any(value: Any, field_name: str) -> torch.dtype | None:
@@ -106,6 +117,14 @@ class BackendConfig:
     def from_foreign(cls, foreign: Any) -> BackendConfig:
         """Convert a diffusers or transformers config object, refusing any setting we would drop."""
         raise NotImplementedError(f"{cls.__name__} converts no foreign config")
+
+    def to_library(self, library: str, dtype: torch.dtype | None) -> Any:
+        """This config as `library`'s ("diffusers" or "transformers") own config object, the inverse of
+        `from_foreign`: what that library would put on ``model.config.quantization_config`` (see `markers`).
+
+        `dtype` is the dtype the component was loaded in, for settings that default to it.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no {library} equivalent")
 
     def excluded(self, module_name: str) -> bool:
         return matches_module_pattern(module_name, self.modules_to_not_convert or ())
@@ -209,6 +228,19 @@ class Backend(ABC):
 
     def check_device(self, config: BackendConfig, device: torch.device) -> None:
         """Refuse, before any weight is read, a config that cannot run on `device`."""
+
+    def library_quantizer(self, library_config: Any, *, pre_quantized: bool) -> Any:
+        """The quantizer object diffusers or transformers keeps on a model it quantized with `library_config`
+        (``model.hf_quantizer``): the library's own, chosen by the library from the config, as its
+        ``from_pretrained`` makes it. A backend whose layers the library's quantizer cannot handle overrides this.
+        """
+        if type(library_config).__module__.split(".")[0] == "diffusers":
+            from diffusers.quantizers.auto import DiffusersAutoQuantizer
+
+            return DiffusersAutoQuantizer.from_config(library_config, pre_quantized=pre_quantized)
+        from transformers.quantizers.auto import AutoHfQuantizer
+
+        return AutoHfQuantizer.from_config(library_config, pre_quantized=pre_quantized)
 
     def takes(self, module_name: str, module: nn.Module, config: BackendConfig) -> bool:
         """Whether this backend quantizes `module` (built on the meta device or real)."""

@@ -26,6 +26,7 @@ from .base import (
     QuantizationConfigError,
     bias_nbytes,
     dtype_from_any,
+    library_module,
     matches_module_pattern,
 )
 
@@ -154,6 +155,12 @@ class BitsAndBytesConfig(BackendConfig):
             "load_in_8bit": self.load_in_8bit,
             "quant_method": "bitsandbytes",
         }
+
+    def to_library(self, library: str, dtype: torch.dtype | None) -> Any:
+        """diffusers' or transformers' `BitsAndBytesConfig` with the settings `to_dict` writes."""
+        settings = {key: value for key, value in self.to_dict().items() if not key.startswith("_")}
+        settings.pop("quant_method")
+        return library_module(library).BitsAndBytesConfig(**settings)
 
     @classmethod
     def from_dict(cls, stored: Mapping[str, Any], *, context: str) -> BitsAndBytesConfig:

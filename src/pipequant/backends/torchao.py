@@ -22,7 +22,7 @@ from torch import nn
 
 from .. import kernels
 from . import int8_rows, row_blocks
-from .base import Backend, BackendConfig, LayerState, QuantizationConfigError, dtype_from_any
+from .base import Backend, BackendConfig, LayerState, QuantizationConfigError, dtype_from_any, library_module
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,6 +190,12 @@ class TorchAoConfig(BackendConfig):
 
             kwargs["quant_type"] = config_from_dict(quant_type["default"])
         return cls.from_kwargs(kwargs, context=context)
+
+    def to_library(self, library: str, dtype: torch.dtype | None) -> Any:
+        """diffusers' or transformers' `TorchAoConfig` around the torchao object this config applies, so
+        their code (diffusers' saving, peft's ``get_apply_tensor_subclass``) sees the same torchao config."""
+        skip = list(self.modules_to_not_convert) if self.modules_to_not_convert else None
+        return library_module(library).TorchAoConfig(self.torchao_config(), modules_to_not_convert=skip)
 
     @property
     def label(self) -> str:

@@ -10,6 +10,7 @@ a 0-d int32 tensor, which also tells a stored GGUF layer from a plain one) and `
 from __future__ import annotations
 
 from collections.abc import Collection
+from typing import Any
 
 import torch
 from torch import nn
@@ -51,6 +52,12 @@ class GGUFBackend(Backend):
     def check_device(self, config: BackendConfig, device: torch.device) -> None:
         """The codecs are plain torch and run anywhere; what is refused is quantizing without a type."""
         _require_quant_type(config)
+
+    def library_quantizer(self, library_config: Any, *, pre_quantized: bool) -> Any:
+        """diffusers' GGUF quantizer, with a `dequantize` that knows our layers (see `library_quantizer.py`)."""
+        from .library_quantizer import GGUFLayersQuantizer
+
+        return GGUFLayersQuantizer(library_config)
 
     def quantize(self, module_name: str, module: nn.Module, config: BackendConfig, device: torch.device) -> nn.Module:
         from .linear import quantize_linear
