@@ -3,33 +3,63 @@ back to the quantized bytes, unloaded back to the original image."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
 from diffusers import FluxPipeline
 from peft import LoraConfig, get_peft_model_state_dict
+from safetensors.torch import load_file, save_file
 
 from pipequant import GGUFQuantizationConfig, PipelineQuantizationConfig, QuantoConfig, load_pipeline
 from pipequant.backends import backend_for
 from pipequant.lora import QuantizedLoraLinear
 from pipequant.quantizing import LAYER_CONFIG_ATTRIBUTE
 
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_mlp", "proj_out", "ff.net.2"]
+DIFFUSERS_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_mlp", "proj_out", "ff.net.2"]
+#: diffusers' layer name pattern -> kohya's (sd-scripts) name for the layers a kohya file of the tiny Flux holds
+KOHYA_NAMES = {
+    r"transformer_blocks\.(\d+)\.attn\.to_out\.0": r"lora_unet_double_blocks_\1_img_attn_proj",
+    r"transformer_blocks\.(\d+)\.ff\.net\.2": r"lora_unet_double_blocks_\1_img_mlp_2",
+    r"single_transformer_blocks\.(\d+)\.proj_out": r"lora_unet_single_blocks_\1_linear2",
+}
+
+
+def kohya_state(made: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """peft's state dict in kohya's names (lora_down / lora_up / alpha), which diffusers' converter reads back."""
+    state = {}
+    for key, tensor in made.items():
+        layer, _, kind = key.removesuffix(".weight").rpartition(".")
+        for pattern, kohya in KOHYA_NAMES.items():
+            if re.fullmatch(pattern, layer):
+                name = re.sub(pattern, kohya, layer)
+                state[f"{name}.{'lora_down' if kind == 'lora_A' else 'lora_up'}.weight"] = tensor
+                state[f"{name}.alpha"] = torch.tensor(4.0)
+    return state
 
 
 @pytest.fixture(scope="module")
 def lora_files(flux_path, tmp_path_factory) -> dict:
-    """Two rank-4 LoRAs with random weights for the tiny Flux transformer, made by peft, saved by diffusers."""
+    """Two rank-4 LoRAs with random weights for the tiny Flux transformer, made by peft: "a" saved by diffusers,
+    "b" in kohya's names."""
     folder = tmp_path_factory.mktemp("loras")
     pipe = FluxPipeline.from_pretrained(flux_path, torch_dtype=torch.bfloat16)
+    targets = {"a": DIFFUSERS_TARGETS, "b": "|".join(KOHYA_NAMES)}
     files = {}
     for seed, name in enumerate(("a", "b")):
         torch.manual_seed(seed)
-        config = LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=TARGETS)
+        config = LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=targets[name])
         pipe.transformer.add_adapter(config, adapter_name=name)
-        state = {key: value * 2 for key, value in get_peft_model_state_dict(pipe.transformer, adapter_name=name).items()}
-        FluxPipeline.save_lora_weights(folder / name, transformer_lora_layers=state)
-        files[name] = folder / name
+        made = get_peft_model_state_dict(pipe.transformer, adapter_name=name)
+        state = {key: value * 2 for key, value in made.items()}  # a LoRA that changes the image clearly
+        if name == "a":
+            FluxPipeline.save_lora_weights(folder / name, transformer_lora_layers=state)
+            files[name] = folder / name
+        else:
+            files[name] = folder / "kohya.safetensors"
+            save_file(kohya_state(state), files[name])
+            assert len(load_file(files[name])) == 3 * 3 * 2  # 3 tensors for each of 2 + 2 + 2 layers
     return files
 
 

@@ -46,8 +46,9 @@ class QuantizedLoraLinear(PeftLoraLinear):
         config = kwargs["config"]
         if config.use_dora or config.lora_bias:
             raise ValueError(
-                "pipequant's quantized layers take plain LoRA adapters; DoRA and lora_bias adapters need full-precision "
-                "weights. Load the model without quantizing the LoRA-targeted layers (modules_to_not_convert)."
+                "pipequant's quantized layers take plain LoRA adapters; DoRA and lora_bias adapters need "
+                "full-precision weights. Load the model without quantizing the LoRA-targeted layers "
+                "(modules_to_not_convert)."
             )
         super().__init__(base_layer, adapter_name, **kwargs)
         #: the quantized layer as it was before the first fused adapter (a list, so it is not a submodule)
@@ -59,7 +60,8 @@ class QuantizedLoraLinear(PeftLoraLinear):
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Fuse `adapter_names` (default: the active adapters): one quantization of the original weight plus every
         fused delta, so fusing adapters one by one rounds no more often than fusing them together."""
-        adapter_names = check_adapters_to_merge(self, adapter_names)
+        # an adapter that targets other layers has nothing here, as in peft's merge
+        adapter_names = [name for name in check_adapters_to_merge(self, adapter_names) if name in self.lora_A]
         if not adapter_names:
             return
         original = self._unfused[0] if self._unfused else self.get_base_layer()
