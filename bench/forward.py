@@ -7,7 +7,7 @@ output's relative error against bf16. The table is printed and written to bench/
 
     python bench/forward.py                        # every mode
     python bench/forward.py --modes bf16 quanto-int8 --repeats 3
-    python bench/forward.py --compiled             # each mode also as torch.compile(model, fullgraph=True)
+    python bench/forward.py --compiled             # each mode also compiled (fullgraph); to forward_compiled.md
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch
 from table import publish  # run as a script, so this folder is first on sys.path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "forward.md"
+COMPILED_RESULTS = RESULTS.with_name("forward_compiled.md")  # with --compiled: eager and compiled rows
 COMPILED = " compiled"  # the suffix of a mode's compiled row
 IMAGE_TOKENS = 64  # a 128 x 128 image: 16 x 16 latents in 2 x 2 patches
 TEXT_TOKENS = 16
@@ -162,10 +163,13 @@ def main() -> None:
     rows = [(name, results[name]) for name in modes]
     for name, r in rows:
         print(f"{name}: median {statistics.median(r['wall']):.3f} s", flush=True)
-    print_and_write(rows, args.repeats, (load_before, os.getloadavg()[0]))
+    path = COMPILED_RESULTS if args.compiled else RESULTS
+    print_and_write(path, rows, args.repeats, (load_before, os.getloadavg()[0]))
 
 
-def print_and_write(rows: list[tuple[str, dict]], repeats: int, load_average: tuple[float, float]) -> None:
+def print_and_write(
+    path: Path, rows: list[tuple[str, dict]], repeats: int, load_average: tuple[float, float]
+) -> None:
     baseline = statistics.median(rows[0][1]["wall"])
     header = [
         "mode", "backend", "quantization", "forward median s", "min-max s", "vs bf16", "CPU s (median)",
@@ -200,7 +204,7 @@ def print_and_write(rows: list[tuple[str, dict]], repeats: int, load_average: tu
         f"Load average (1 min) was {load_average[0]:.1f} at the start and {load_average[1]:.1f} at the end; above the "
         f"core count ({os.cpu_count()}), other processes shared the cores and the times are noisy.",
     ])
-    publish(RESULTS, "Forward benchmark", intro, title, header, lines)
+    publish(path, "Forward benchmark", intro, title, header, lines)
 
 
 if __name__ == "__main__":

@@ -49,23 +49,40 @@ def model_bytes(model: torch.nn.Module) -> int:
     return component_memory("transformer", model).bytes_after
 
 
-def run_mode(name: str, lora: dict[str, torch.Tensor], inputs: dict, repeats: int) -> dict:
-    model, _ = load(name, checkpoint_folder())
-    before = model_bytes(model)
+def timed(step) -> float:
     started = time.perf_counter()
-    model.load_lora_adapter(lora, prefix=None, adapter_name="lora")
-    load_seconds = time.perf_counter() - started
-    timed_forward(model, inputs)  # warm-up
-    unfused = [timed_forward(model, inputs)[0] for _ in range(repeats)]
-    started = time.perf_counter()
-    model.fuse_lora(lora_scale=1.0)
-    fuse_seconds = time.perf_counter() - started
-    fused = [timed_forward(model, inputs)[0] for _ in range(repeats)]
-    model.unload_lora()
-    return {
-        "load": load_seconds, "fuse": fuse_seconds, "unfused": statistics.median(unfused),
-        "fused": statistics.median(fused), "before": before, "after": model_bytes(model),
-    }
+    step()
+    return time.perf_counter() - started
+
+
+def round_robin(models: dict, inputs: dict, repeats: int) -> dict[str, float]:
+    """Median forward seconds per mode, the modes taking turns (after a warm-up each), so a burst of other work
+    on the machine hits every mode alike."""
+    for model in models.values():
+        timed_forward(model, inputs)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            times[name].append(timed_forward(model, inputs)[0])
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def run(modes: list[str], lora: dict[str, torch.Tensor], inputs: dict, repeats: int) -> dict[str, dict]:
+    models = {name: load(name, checkpoint_folder())[0] for name in modes}
+    results = {name: {"before": model_bytes(model)} for name, model in models.items()}
+    for name, model in models.items():
+        results[name]["load"] = timed(lambda: model.load_lora_adapter(lora, prefix=None, adapter_name="lora"))
+    for name, seconds in round_robin(models, inputs, repeats).items():
+        results[name]["unfused"] = seconds
+    for name, model in models.items():
+        results[name]["fuse"] = timed(lambda: model.fuse_lora(lora_scale=1.0))
+    for name, seconds in round_robin(models, inputs, repeats).items():
+        results[name]["fused"] = seconds
+    for name, model in models.items():
+        model.unload_lora()
+        results[name]["after"] = model_bytes(model)
+        print(f"{name}: {results[name]}", flush=True)
+    return results
 
 
 def main() -> None:
@@ -79,10 +96,7 @@ def main() -> None:
     lora = make_lora(reference)
     inputs = make_inputs(reference.config)
     del reference
-    results = {}
-    for name in modes:
-        results[name] = run_mode(name, lora, inputs, args.repeats)
-        print(f"{name}: {results[name]}", flush=True)
+    results = run(modes, lora, inputs, args.repeats)
     base = results["bf16"]
     header = ["mode", "quantization", "LoRA load s", "fuse s", "forward unfused s", "forward fused s",
               "fused vs bf16 fused", "model MB before", "MB fused + unloaded"]
@@ -98,8 +112,8 @@ def main() -> None:
         f"({torch.get_num_threads()} torch threads); {libraries}. Each mode loads the 0.4 B-parameter Flux transformer "
         f"of bench/forward.py, takes a rank-{RANK} LoRA on its {len(TARGETS)} kinds of linear layers through "
         "`load_lora_adapter`, runs forwards unfused, fuses (`fuse_lora`), runs forwards fused, and unloads the LoRA "
-        "(`unload_lora`, keeping the fused weights). Forward times are medians of the timed forwards of "
-        "bench/forward.py's inputs. Model MB counts real storage (packed data and scales) before the LoRA and after fusing and unloading.",
+        "(`unload_lora`, keeping the fused weights). All modes are loaded first; forward times are medians of "
+        f"{args.repeats} forwards of bench/forward.py's inputs per mode, the modes taking turns after a warm-up each. Model MB counts real storage (packed data and scales) before the LoRA and after fusing and unloading.",
         "",
         f"Load average (1 min) was {load_before:.1f} at the start and {os.getloadavg()[0]:.1f} at the end; above the "
         f"core count ({os.cpu_count()}), other processes shared the cores and the times are noisy.",
