@@ -126,16 +126,19 @@ def test_pipe_to_dtype_behaves_as_in_diffusers(flux_path, backend):
         pipe.transformer.half()
 
 
-def test_peft_merges_lora_into_torchao_layers_through_hf_quantizer(flux_path):
-    """peft's torchao LoRA layer re-quantizes on merge through
-    ``hf_quantizer.quantization_config.get_apply_tensor_subclass``."""
+def test_lora_merges_into_torchao_layers_and_hf_quantizer_gives_peft_the_requantizer(flux_path):
+    """peft reads ``hf_quantizer.quantization_config.get_apply_tensor_subclass`` for its torchao LoRA layer;
+    pipequant's own LoRA layer (`pipequant.lora`, which restores the exact bytes on unmerge) takes our layers, and
+    merging re-quantizes into a torchao tensor."""
     from peft import LoraConfig
-    from peft.tuners.lora.torchao import TorchaoLoraLinear
     from torchao.utils import TorchAOBaseTensor
 
+    from pipequant.lora import QuantizedLoraLinear
+
     transformer = _load(flux_path, "torchao", ["transformer"]).transformer
+    assert type(transformer.hf_quantizer.quantization_config.get_apply_tensor_subclass()).__name__.endswith("Config")
     transformer.add_adapter(LoraConfig(r=4, target_modules=["to_q"], init_lora_weights=False))
-    layers = [m for m in transformer.modules() if isinstance(m, TorchaoLoraLinear)]
+    layers = [m for m in transformer.modules() if isinstance(m, QuantizedLoraLinear)]
     assert layers
     layer = layers[0]
     x = torch.randn(2, layer.in_features, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
