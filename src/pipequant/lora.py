@@ -15,10 +15,9 @@ quantized (it carries its `BackendConfig`, `quantizing.LAYER_CONFIG_ATTRIBUTE`),
   `unfuse_lora` or `unload_lora_weights` (which keeps the fused layer, as peft does): while fused, the
   LoRA-targeted layers take their quantized size twice.
 
-peft's own dispatchers would take bitsandbytes, torchao and quanto layers with merges that fail or are wrong
-for them (bitsandbytes 4-bit's rebuilds its parameter from the wrong fields, torchao's needs the quantizer
-peft reads from `model.hf_quantizer`, a plain `lora.Linear` adds to quanto's packed data) and reject
-`GGUFLinear`. peft takes extra layer types only through `LoraConfig._register_custom_module`, per config, and
+peft's own dispatchers would take bitsandbytes, torchao and quanto layers with merges that fail, drift or are
+wrong for them (bitsandbytes 4-bit's rebuilds its parameter from the wrong fields, torchao's unmerge quantizes
+weight minus delta again, a plain `lora.Linear` adds to quanto's packed data) and reject `GGUFLinear`. peft takes extra layer types only through `LoraConfig._register_custom_module`, per config, and
 diffusers builds that config inside `load_lora_adapter` with no way in; so `register_with_peft` puts one
 dispatcher in front of peft's list, and it claims only layers pipequant quantized.
 """
