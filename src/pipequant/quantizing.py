@@ -15,6 +15,7 @@ from torch import nn
 
 from .backends import backend_for
 from .backends.base import Backend, BackendConfig, matches_module_pattern
+from .devices import check_device
 from .markers import mark_quantized
 
 RECORD_ATTRIBUTE = "pipequant_record"
@@ -104,6 +105,7 @@ def quantize_model(
         raise ValueError(
             f"This {type(model).__name__} is already quantized ({how!r}); quantize a full-precision copy instead."
         )
+    device = None if device is None else check_device(device)
     backend = backend_for(config)
     backend.require()
     targets = quantization_targets(model, backend, config)
