@@ -86,6 +86,7 @@ def _save_quantized(model: nn.Module, record: QuantizationRecord, folder: Path, 
             f"Saving {record.backend} components is not supported yet: pipequant could not load them back."
         )
     tensors, metadata = _quantized_state(model, backend)
+    metadata.update(backend.checkpoint_metadata(tensors, metadata))
     folder.mkdir(parents=True, exist_ok=True)
     weights_name = "diffusion_pytorch_model" if _is_diffusers_model(model) else "model"
     _write_safetensors(tensors, metadata, folder, weights_name, max_shard_size)
