@@ -18,7 +18,9 @@ import pipequant as pq
 #: backends diffusers can load on CPU: pipequant's config, and diffusers' config for the same quantization
 BACKENDS = {
     "torchao-int8wo": (lambda: pq.TorchAoConfig("int8wo"), lambda: diffusers.TorchAoConfig(Int8WeightOnlyConfig())),
-    "quanto-int8": (lambda: pq.QuantoConfig(weights_dtype="int8"), lambda: diffusers.QuantoConfig(weights_dtype="int8")),
+    "quanto-int8": (
+        lambda: pq.QuantoConfig(weights_dtype="int8"), lambda: diffusers.QuantoConfig(weights_dtype="int8")
+    ),
 }
 
 
@@ -28,7 +30,7 @@ def _diffusers_load(folder, **kwargs):
         return diffusers.DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.bfloat16, **kwargs)
 
 
-@pytest.mark.parametrize("backend", ["torchao-int8wo"])
+@pytest.mark.parametrize("backend", list(BACKENDS))
 def test_pipequant_saved_pipeline_loads_in_diffusers_with_equal_outputs(flux_path, tmp_path, generate, backend):
     ours, _ = BACKENDS[backend]
     components = ["transformer"] if backend.startswith("quanto") else ["transformer", "text_encoder_2"]
@@ -41,6 +43,16 @@ def test_pipequant_saved_pipeline_loads_in_diffusers_with_equal_outputs(flux_pat
         assert getattr(theirs, name).is_quantized
         assert getattr(theirs, name).quantization_method == getattr(pipe, name).quantization_method
     np.testing.assert_array_equal(generate(theirs), expected)
+
+
+def test_one_byte_tensors_are_64_byte_aligned_in_the_files_we_write(flux_path, tmp_path):
+    """torch's CPU int8 matmul (quanto's) crashes on int8 weights mapped at unaligned addresses."""
+    config = pq.PipelineQuantizationConfig(quant_mapping={"transformer": pq.QuantoConfig(weights_dtype="int8")})
+    pipe = pq.load_pipeline(flux_path, quantization_config=config, torch_dtype=torch.bfloat16)
+    folder = pq.save_pipeline(pipe, tmp_path / "saved") / "transformer"
+    with safe_open(folder / "diffusion_pytorch_model.safetensors", "pt") as handle:
+        addresses = {key: handle.get_tensor(key).data_ptr() for key in handle.keys() if key.endswith("._data")}
+    assert addresses and all(address % 64 == 0 for address in addresses.values())
 
 
 def test_torchao_files_are_in_the_form_diffusers_writes(flux_path, tmp_path):

@@ -62,7 +62,8 @@ def test_variant_files_load_and_a_missing_variant_is_an_error(flux_path, tmp_pat
             path.rename(path.with_name(path.name.replace(".safetensors", ".fp16.safetensors")))
         for path in (folder / name).glob("*.safetensors.index.json"):  # a sharded component: its index and shard names
             index = json.loads(path.read_text())
-            index["weight_map"] = {k: v.replace(".safetensors", ".fp16.safetensors") for k, v in index["weight_map"].items()}
+            shards = index["weight_map"]
+            index["weight_map"] = {k: v.replace(".safetensors", ".fp16.safetensors") for k, v in shards.items()}
             path.with_name(path.name.replace(".json", ".fp16.json")).write_text(json.dumps(index))
             path.unlink()
     pipe = load_pipeline(folder, quantization_config=INT8, variant="fp16", torch_dtype=torch.bfloat16)

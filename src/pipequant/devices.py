@@ -49,7 +49,9 @@ def check_device(device: torch.device | str | int | None) -> torch.device:
         return parsed
     count = _device_count(parsed.type)
     if count == 0:
-        raise DeviceError(f"device {str(device)!r}: this machine has no {parsed.type} device. Devices here: {available}.")
+        raise DeviceError(
+            f"device {str(device)!r}: this machine has no {parsed.type} device. Devices here: {available}."
+        )
     if parsed.index is not None and parsed.index >= count:
         raise DeviceError(
             f"device {str(device)!r}: there are {count} {parsed.type} device(s), numbered from 0. Devices here: "

@@ -22,7 +22,7 @@ from .devices import device_from_map
 
 @dataclasses.dataclass(frozen=True)
 class HubOptions:
-    """Where a pipeline comes from: passed to huggingface_hub for a repo id; `subfolder` applies to local folders too."""
+    """Where a pipeline comes from: passed to huggingface_hub for a repo id (`subfolder`: local folders too)."""
 
     revision: str | None = None
     subfolder: str | None = None
@@ -65,7 +65,8 @@ def take_load_options(kwargs: dict[str, Any]) -> LoadOptions:
             "arbitrary code. Leave use_safetensors out or True, and convert .bin weights to safetensors."
         )
     kwargs.pop("low_cpu_mem_usage", None)  # pipequant always streams: peak memory is one layer over the result
-    hub = HubOptions(**{field.name: kwargs.pop(field.name) for field in dataclasses.fields(HubOptions) if field.name in kwargs})
+    hub_names = [field.name for field in dataclasses.fields(HubOptions)]
+    hub = HubOptions(**{name: kwargs.pop(name) for name in hub_names if name in kwargs})
     return LoadOptions(torch_dtype, device, kwargs.pop("variant", None), hub)
 
 

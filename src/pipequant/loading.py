@@ -148,6 +148,7 @@ def load_model(
     `folder` may also be a single .gguf file (see `gguf_loading.load_gguf_model`); its architecture
     comes from `config_folder`'s config.json, or from the file when pipequant wrote it.
     """
+    device = check_device(device)
     if is_gguf_file(folder):
         return load_gguf_model(
             model_class, folder, quantization_config, torch_dtype=torch_dtype, device=device, on_layer=on_layer,
@@ -155,7 +156,6 @@ def load_model(
         )
     if config_folder is not None:
         raise TypeError("config_folder is for .gguf files; a model folder has its own config.json.")
-    device = check_device(device)
     folder = Path(folder)
     saved = saved_config(folder, quantization_config)
     config = saved or quantization_config
@@ -227,11 +227,14 @@ def load_pipeline(
     placed: dict[str, int] = {}
     with progress_bars(progress) as add_task:
         for name in index.components:
-            target = roomiest_gpu() if balanced and name in model_names else options.device
-            target = torch.device("cpu") if target == "balanced" else target
+            if balanced:  # models to the roomiest GPU as they come; tokenizers and schedulers hold no tensors
+                target = roomiest_gpu() if name in model_names else torch.device("cpu")
+            else:
+                target = options.device
             dtype = options.dtype_for(name)
             if name in gguf_files:
-                loaded[name] = _load_gguf_component(index, name, gguf_files[name], gguf_configs[name], dtype, target, add_task)
+                gguf_config = gguf_configs[name]
+                loaded[name] = _load_gguf_component(index, name, gguf_files[name], gguf_config, dtype, target, add_task)
             elif name in components:
                 given = components[name]
                 if name in configs and isinstance(given, nn.Module):
@@ -239,7 +242,8 @@ def load_pipeline(
                 loaded[name] = given
             else:
                 loaded[name] = _load_component(
-                    index, name, configs.get(name), dtype, target, add_task, saved=name in saved, variant=options.variant
+                    index, name, configs.get(name), dtype, target, add_task,
+                    saved=name in saved, variant=options.variant,
                 )
             if balanced and name in model_names:
                 placed[name] = target.index

@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
-from safetensors.torch import save_file
 from torch import nn
 
+from .aligned_safetensors import save_aligned
 from .backends import get_backend
 from .backends.base import Backend
 from .quantizing import RECORD_ATTRIBUTE, QuantizationRecord
@@ -138,7 +138,7 @@ def _write_safetensors(
     )
     for filename, names in split.filename_to_tensors.items():
         shard = {name: tensors[name].detach().to("cpu").contiguous() for name in names}
-        save_file(shard, folder / filename, metadata={"format": "pt", **metadata})
+        save_aligned(shard, folder / filename, {"format": "pt", **metadata})
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
         index_path = folder / f"{weights_name}.safetensors.index.json"
