@@ -10,6 +10,10 @@ one-byte tensors come last, together; padding the header (a metadata entry) move
 The layout is predicted from safetensors' documented order and checked by reading the header back;
 should a safetensors version order differently, the file is written once more with the measured
 padding. safetensors has no alignment option, hence this module.
+
+safetensors writes the metadata in hash order, which differs between runs; with more than one entry
+the same tensors would give different bytes. The header is rewritten in place with the metadata
+sorted (same length, same content), so a file's bytes depend only on what it holds.
 """
 
 from __future__ import annotations
@@ -38,6 +42,22 @@ def save_aligned(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapp
     measured = _padding(*_written_layout(path))
     if measured != written:  # the prediction missed: write again with the layout as written
         save_file(dict(tensors), path, metadata={**metadata, PADDING_KEY: measured})
+    _sort_metadata(path)
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite the header with its metadata in sorted order, in place: the same bytes for the same content."""
+    with open(path, "r+b") as file:
+        header_size = int.from_bytes(file.read(8), "little")
+        raw = file.read(header_size)
+        header = json.loads(raw)
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        header = {"__metadata__": header.pop("__metadata__"), **header}
+        sorted_raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(sorted_raw) != len(raw.rstrip(b" ")):
+            return  # serialized differently from safetensors (escaping): leave its header as it wrote it
+        file.seek(8)
+        file.write(sorted_raw.ljust(header_size, b" "))
 
 
 def _padding(length: int, first_byte_tensor: int | None) -> str:

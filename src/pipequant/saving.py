@@ -29,7 +29,7 @@ from torch import nn
 from .aligned_safetensors import save_aligned
 from .backends import get_backend
 from .backends.base import Backend
-from .quantizing import RECORD_ATTRIBUTE, QuantizationRecord
+from .quantizing import QuantizationRecord, quantization_record
 from .streaming import tied_groups
 
 #: largest safetensors file of a component before it is sharded (with an index json), as diffusers' default
@@ -68,15 +68,26 @@ def save_model(
 
 def save_component(component: Any, folder: Path, max_shard_size: int | str) -> None:
     """One component into `folder`: quantized models by their backend, everything else by its library."""
-    record: QuantizationRecord | None = getattr(component, RECORD_ATTRIBUTE, None)
+    record: QuantizationRecord | None = quantization_record(component)
     if record is not None:
         _save_quantized(component, record, folder, max_shard_size)
     elif isinstance(component, nn.Module) and hasattr(component, "save_pretrained"):
         component.save_pretrained(folder, max_shard_size=max_shard_size)
+        if getattr(component, "is_quantized", None) is False:
+            _drop_quantization_config(folder)
     elif hasattr(component, "save_pretrained"):
         component.save_pretrained(folder)
     else:
         raise TypeError(f"Cannot save a {type(component).__name__}: it has no save_pretrained.")
+
+
+def _drop_quantization_config(folder: Path) -> None:
+    """A dequantized model (``model.dequantize()``) keeps its library's ``config.quantization_config``, which
+    its ``save_pretrained`` writes; the weights are full precision, so the entry would make a reload wrong."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    if config.pop("quantization_config", None) is not None:
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _save_quantized(model: nn.Module, record: QuantizationRecord, folder: Path, max_shard_size: int | str) -> None:
