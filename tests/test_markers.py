@@ -157,3 +157,17 @@ def test_dequantize_turns_our_gguf_layers_back_into_linear_layers(flux_path, gen
     assert not any(isinstance(m, GGUFLinear) for m in pipe.transformer.modules())
     assert pipe.transformer.is_quantized is False and not hasattr(pipe.transformer, "hf_quantizer")
     assert abs(generate(pipe) - before).max() < 1e-2
+
+
+def test_a_dequantized_model_saves_and_reports_as_full_precision(flux_path, tmp_path):
+    from pipequant.report import memory_report
+
+    pipe = _load(flux_path, "torchao", ["transformer"])
+    pipe.transformer.dequantize()
+    rows = {row.name: row for row in memory_report(pipe)}
+    assert rows["transformer"].backend == "-"
+    saved = pq.save_pipeline(pipe, tmp_path / "saved")
+    assert "quantization_config" not in (saved / "transformer" / "config.json").read_text()
+    restored = pq.load_pipeline(saved)
+    assert not getattr(restored.transformer, "is_quantized", False)
+    assert type(restored.transformer.transformer_blocks[0].attn.to_q.weight) is torch.nn.Parameter

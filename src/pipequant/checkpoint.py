@@ -59,9 +59,12 @@ class Checkpoint(Protocol):
 class ComponentCheckpoint:
     """The safetensors files of one component (single file, or sharded with an index)."""
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, variant: str | None = None) -> None:
+        """`variant` picks diffusers' variant files (``diffusion_pytorch_model.fp16.safetensors``, its index
+        ``...safetensors.index.fp16.json``) and is an error where the folder has none."""
         self.folder = Path(folder)
-        self.files = _find_weight_files(self.folder)
+        self.variant = variant
+        self.files = _find_weight_files(self.folder, variant)
         self._handles = {path: _open(path) for path in self.files}
         self._metadata: dict[str, str] = {}
         for handle in self._handles.values():
@@ -129,7 +132,7 @@ class ComponentCheckpoint:
             ) from error
 
     def _check_index_covers_keys(self) -> None:
-        index_path = _index_file(self.folder)
+        index_path = _index_file(self.folder, self.variant)
         if index_path is None:
             return
         weight_map = json.loads(index_path.read_text())["weight_map"]
@@ -141,15 +144,29 @@ class ComponentCheckpoint:
             )
 
 
-def _index_file(folder: Path) -> Path | None:
-    indexes = sorted(folder.glob("*.safetensors.index.json"))
+def _index_file(folder: Path, variant: str | None = None) -> Path | None:
+    indexes = sorted(folder.glob(f"*.safetensors.index.{variant}.json" if variant else "*.safetensors.index.json"))
     return indexes[0] if indexes else None
 
 
-def _find_weight_files(folder: Path) -> list[Path]:
+def _variant_file(folder: Path, variant: str) -> list[Path]:
+    """The single file of `variant` (``model.fp16.safetensors``), or an error listing the weight files there are."""
+    for name in _STANDARD_NAMES:
+        path = folder / name.replace(".safetensors", f".{variant}.safetensors")
+        if path.is_file():
+            return [path]
+    present = sorted(path.name for path in folder.glob("*.safetensors")) or ["none"]
+    raise CheckpointError(
+        f"{folder} has no {variant!r} variant of its weights (no {_STANDARD_NAMES[0].replace('.safetensors', '')}"
+        f".{variant}.safetensors, model.{variant}.safetensors or their sharded index). Weight files there: "
+        f"{', '.join(present)}. Leave variant out to load the standard files."
+    )
+
+
+def _find_weight_files(folder: Path, variant: str | None = None) -> list[Path]:
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is not a folder; a component needs its own folder of weights.")
-    index_path = _index_file(folder)
+    index_path = _index_file(folder, variant)
     if index_path is not None:
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
@@ -160,6 +177,8 @@ def _find_weight_files(folder: Path) -> list[Path]:
         if missing:
             raise CheckpointError(f"{index_path} names shards that do not exist: {', '.join(missing)}.")
         return files
+    if variant:
+        return _variant_file(folder, variant)
     files = sorted(folder.glob("*.safetensors"))
     standard = [path for path in files if path.name in _STANDARD_NAMES]
     if standard:

@@ -16,6 +16,7 @@ from torch import nn
 
 from .backends import backend_for
 from .backends.base import Backend, BackendConfig, matches_module_pattern
+from .devices import check_device
 from .markers import mark_quantized
 
 RECORD_ATTRIBUTE = "pipequant_record"
@@ -45,6 +46,13 @@ def record_quantization(
     setattr(model, RECORD_ATTRIBUTE, record)
     keep = keep_in_fp32_patterns(model)
     mark_quantized(model, record.config, dtype=dtype, pre_quantized=pre_quantized, keep_in_fp32=keep)
+
+
+def quantization_record(model: Any) -> QuantizationRecord | None:
+    """How `model` was quantized; None when it was not, or has been dequantized since (``model.dequantize()``,
+    which goes through the library's quantizer and clears ``is_quantized`` but knows nothing of the record)."""
+    record = getattr(model, RECORD_ATTRIBUTE, None)
+    return record if record is not None and getattr(model, "is_quantized", True) else None
 
 
 def _fp32_lists(model: nn.Module) -> tuple[list[str], list[str]]:
@@ -108,12 +116,13 @@ def quantize_model(
     Each full-precision weight is released as soon as its quantized layer replaces it. Layers
     stay on the device they are on unless `device` is given.
     """
-    if hasattr(model, RECORD_ATTRIBUTE) or getattr(model, "is_quantized", False):
-        how = getattr(model, RECORD_ATTRIBUTE, None)
+    if quantization_record(model) is not None or getattr(model, "is_quantized", False):
+        how = quantization_record(model)
         how = how.config if how is not None else getattr(model, "quantization_method", "another library")
         raise ValueError(
             f"This {type(model).__name__} is already quantized ({how!r}); quantize a full-precision copy instead."
         )
+    device = None if device is None else check_device(device)
     backend = backend_for(config)
     backend.require()
     targets = quantization_targets(model, backend, config)

@@ -286,6 +286,11 @@ class Backend(ABC):
         """The stored form of one quantized layer (see the class docstring)."""
         return LayerState(dict(module.state_dict()))
 
+    def checkpoint_metadata(self, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> dict[str, str]:
+        """Header entries the backend's library expects once per safetensors file, beside the layers' own
+        `metadata`; `tensors` are all the tensors stored. None by default."""
+        return {}
+
     def stored_as_quantized(self, names: Collection[str], module: nn.Module) -> bool:
         """Whether tensors stored under `module`'s name (relative `names`) are this backend's layer state."""
         own = {name for name, _ in module.named_parameters(recurse=False)}
