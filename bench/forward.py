@@ -7,6 +7,7 @@ output's relative error against bf16. The table is printed and written to bench/
 
     python bench/forward.py                        # every mode
     python bench/forward.py --modes bf16 quanto-int8 --repeats 3
+    python bench/forward.py --compiled             # each mode also compiled (fullgraph); to forward_compiled.md
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import torch
 from table import publish  # run as a script, so this folder is first on sys.path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "forward.md"
+COMPILED_RESULTS = RESULTS.with_name("forward_compiled.md")  # with --compiled: eager and compiled rows
+COMPILED = " compiled"  # the suffix of a mode's compiled row
 IMAGE_TOKENS = 64  # a 128 x 128 image: 16 x 16 latents in 2 x 2 patches
 TEXT_TOKENS = 16
 
@@ -117,6 +120,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     parser.add_argument("--repeats", type=int, default=5, help="timed forwards per mode (after one warm-up)")
+    parser.add_argument(
+        "--compiled", action="store_true", help="add a row per mode for torch.compile(model, fullgraph=True)"
+    )
     args = parser.parse_args()
     modes = ["bf16", *(m for m in args.modes if m != "bf16")]  # bf16 first: the reference for time and error
     folder = checkpoint_folder()
@@ -134,6 +140,16 @@ def main() -> None:
         }
         print(f"{name}: loaded in {load_seconds:.1f} s", flush=True)
     inputs = make_inputs(models["bf16"].config)
+    if args.compiled:
+        for name in modes:
+            compiled = f"{name}{COMPILED}"
+            started = time.perf_counter()
+            models[compiled] = torch.compile(models[name], fullgraph=True)
+            timed_forward(models[compiled], inputs)  # compiles
+            seconds = time.perf_counter() - started
+            results[compiled] = {**results[name], "compile_seconds": seconds, "wall": [], "cpu": []}
+            print(f"{compiled}: compiled in {results[compiled]['compile_seconds']:.1f} s", flush=True)
+        modes = [row for name in modes for row in (name, f"{name}{COMPILED}")]  # each mode's compiled row after it
     reference = timed_forward(models["bf16"], inputs)[2]
     for name in modes:  # warm-up (first-call dispatch, allocations) and the error against bf16
         output = timed_forward(models[name], inputs)[2]
@@ -147,10 +163,13 @@ def main() -> None:
     rows = [(name, results[name]) for name in modes]
     for name, r in rows:
         print(f"{name}: median {statistics.median(r['wall']):.3f} s", flush=True)
-    print_and_write(rows, args.repeats, (load_before, os.getloadavg()[0]))
+    path = COMPILED_RESULTS if args.compiled else RESULTS
+    print_and_write(path, rows, args.repeats, (load_before, os.getloadavg()[0]))
 
 
-def print_and_write(rows: list[tuple[str, dict]], repeats: int, load_average: tuple[float, float]) -> None:
+def print_and_write(
+    path: Path, rows: list[tuple[str, dict]], repeats: int, load_average: tuple[float, float]
+) -> None:
     baseline = statistics.median(rows[0][1]["wall"])
     header = [
         "mode", "backend", "quantization", "forward median s", "min-max s", "vs bf16", "CPU s (median)",
@@ -158,7 +177,9 @@ def print_and_write(rows: list[tuple[str, dict]], repeats: int, load_average: tu
     ]
     lines = []
     for name, r in rows:
-        backend, mode, _ = MODES[name]
+        backend, mode, _ = MODES[name.removesuffix(COMPILED)]
+        if name.endswith(COMPILED):
+            mode += f", torch.compile (compiling {r['compile_seconds']:.0f} s)"
         median = statistics.median(r["wall"])
         lines.append([
             name, backend, mode, f"{median:.3f}", f"{min(r['wall']):.2f}-{max(r['wall']):.2f}",
@@ -177,12 +198,13 @@ def print_and_write(rows: list[tuple[str, dict]], repeats: int, load_average: tu
         f"{TEXT_TOKENS} text tokens. All modes are loaded first; after one warm-up forward each, they run "
         f"round-robin {repeats} times, so a burst of other work hits every mode alike. CPU s is the process's CPU "
         "time per forward (all threads). Error is the relative L2 distance of the output from the bf16 output. "
-        "Model MB counts real storage (packed data and scales).",
+        "Model MB counts real storage (packed data and scales). A compiled row (`--compiled`) runs "
+        "`torch.compile(model, fullgraph=True)` of the same model; its first call, which compiles, is left out.",
         "",
         f"Load average (1 min) was {load_average[0]:.1f} at the start and {load_average[1]:.1f} at the end; above the "
         f"core count ({os.cpu_count()}), other processes shared the cores and the times are noisy.",
     ])
-    publish(RESULTS, "Forward benchmark", intro, title, header, lines)
+    publish(path, "Forward benchmark", intro, title, header, lines)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipequant import BitsAndBytesConfig, GGUFQuantizationConfig, QuantoConfig, TorchAoConfig
 from pipequant.fixtures import make_tiny_pipeline
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,6 +22,27 @@ def flux_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def sd_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_pipeline(tmp_path_factory.mktemp("pipelines") / "sd", "sd")
+
+
+BACKEND_CONFIGS = {
+    "bnb-nf4": lambda: BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+    "bnb-int8": lambda: BitsAndBytesConfig(load_in_8bit=True),
+    "torchao-int8wo": lambda: TorchAoConfig("int8wo"),
+    "quanto-int8": lambda: QuantoConfig(weights_dtype="int8"),
+    "gguf-q8_0": lambda: GGUFQuantizationConfig(quant_type="Q8_0"),
+    "gguf-q4_k": lambda: GGUFQuantizationConfig(quant_type="Q4_K"),
+}
+
+
+"""One config per backend (and GGUF's two codec families), for the checks every backend must pass; each computes
+in the dtype the model is loaded in."""
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test taking `each_backend` runs once per `BACKEND_CONFIGS` entry, with a fresh config of it."""
+    if "each_backend" in metafunc.fixturenames:
+        configs = [make() for make in BACKEND_CONFIGS.values()]
+        metafunc.parametrize("each_backend", configs, ids=list(BACKEND_CONFIGS))
 
 
 def _generate(pipe, steps: int = 2, seed: int = 0):

@@ -1,4 +1,10 @@
-"""pipequant: load diffusers pipelines and quantize chosen components while they stream in."""
+"""pipequant: load diffusers pipelines and quantize chosen components while they stream in.
+
+``pipequant.DiffusionPipeline``, ``pipequant.FluxPipeline`` and every other diffusers pipeline class
+name are stand-ins whose ``from_pretrained`` loads through pipequant (see `drop_in`).
+"""
+
+from typing import Any
 
 from .backends.base import MissingBackendError, QuantizationConfigError
 from .backends.bitsandbytes import BitsAndBytesConfig
@@ -8,6 +14,7 @@ from .backends.torchao import TorchAoConfig
 from .checkpoint import CheckpointError
 from .component_classes import allow_library
 from .config import PipelineQuantizationConfig
+from .devices import DeviceError
 from .gguf_saving import save_gguf
 from .loading import PipelineFolderError, load_model, load_pipeline, quantize_pipeline
 from .planning import BudgetError, plan
@@ -20,6 +27,8 @@ __all__ = [
     "BitsAndBytesConfig",
     "BudgetError",
     "CheckpointError",
+    "DeviceError",
+    "DiffusionPipeline",
     "GGUFQuantizationConfig",
     "MissingBackendError",
     "PipelineFolderError",
@@ -39,3 +48,12 @@ __all__ = [
     "save_model",
     "save_pipeline",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """diffusers' pipeline classes by name (``DiffusionPipeline``, ``FluxPipeline``, ...), as pipequant stand-ins."""
+    if name.endswith("Pipeline") and not name.startswith("_"):
+        from .drop_in import stand_in
+
+        return stand_in(name)
+    raise AttributeError(f"module 'pipequant' has no attribute {name!r}")

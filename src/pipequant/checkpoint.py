@@ -68,13 +68,15 @@ class Checkpoint(Protocol):
 class ComponentCheckpoint:
     """The safetensors files of one component (single file, or sharded with an index)."""
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, variant: str | None = None) -> None:
+        """`variant` picks diffusers' variant files (``diffusion_pytorch_model.fp16.safetensors``, its index
+        ``...safetensors.index.fp16.json``) and is an error where the folder has none."""
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise CheckpointError(f"{folder} is not a folder; a component needs its own folder of weights.")
-        self._index_path = _index_file(self.folder)
+        self._index_path = _index_file(self.folder, variant)
         self._weight_map = None if self._index_path is None else read_index(self._index_path)
-        self.files = _find_weight_files(self.folder, self._index_path, self._weight_map)
+        self.files = _find_weight_files(self.folder, self._index_path, self._weight_map, variant)
         self._handles = {path: _open(path) for path in self.files}
         self._metadata: dict[str, str] = {}
         for handle in self._handles.values():
@@ -163,8 +165,8 @@ class ComponentCheckpoint:
             )
 
 
-def _index_file(folder: Path) -> Path | None:
-    indexes = sorted(folder.glob("*.safetensors.index.json"))
+def _index_file(folder: Path, variant: str | None = None) -> Path | None:
+    indexes = sorted(folder.glob(f"*.safetensors.index.{variant}.json" if variant else "*.safetensors.index.json"))
     return indexes[0] if indexes else None
 
 
@@ -214,20 +216,40 @@ def _check_inside(folder: Path, path: Path) -> None:
         )
 
 
-def _find_weight_files(folder: Path, index_path: Path | None, weight_map: dict[str, str] | None) -> list[Path]:
-    files = _weight_files(folder, index_path, weight_map)
+def _variant_file(folder: Path, variant: str) -> list[Path]:
+    """The single file of `variant` (``model.fp16.safetensors``), or an error listing the weight files there are."""
+    for name in _STANDARD_NAMES:
+        path = folder / name.replace(".safetensors", f".{variant}.safetensors")
+        if path.is_file():
+            return [path]
+    present = sorted(path.name for path in folder.glob("*.safetensors")) or ["none"]
+    raise CheckpointError(
+        f"{folder} has no {variant!r} variant of its weights (no {_STANDARD_NAMES[0].replace('.safetensors', '')}"
+        f".{variant}.safetensors, model.{variant}.safetensors or their sharded index). Weight files there: "
+        f"{', '.join(present)}. Leave variant out to load the standard files."
+    )
+
+
+def _find_weight_files(
+    folder: Path, index_path: Path | None, weight_map: dict[str, str] | None, variant: str | None
+) -> list[Path]:
+    files = _weight_files(folder, index_path, weight_map, variant)
     for path in files:
         _check_inside(folder, path)
     return files
 
 
-def _weight_files(folder: Path, index_path: Path | None, weight_map: dict[str, str] | None) -> list[Path]:
+def _weight_files(
+    folder: Path, index_path: Path | None, weight_map: dict[str, str] | None, variant: str | None
+) -> list[Path]:
     if index_path is not None and weight_map is not None:  # both or neither
         files = [folder / name for name in sorted(set(weight_map.values()))]
         missing = [path.name for path in files if not path.is_file()]
         if missing:
             raise CheckpointError(f"{index_path} names shards that do not exist: {', '.join(missing)}.")
         return files
+    if variant:
+        return _variant_file(folder, variant)
     files = sorted(folder.glob("*.safetensors"))
     standard = [path for path in files if path.name in _STANDARD_NAMES]
     if standard:

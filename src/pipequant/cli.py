@@ -1,4 +1,9 @@
-"""The `pipequant` command."""
+"""The `pipequant` command.
+
+Options have one spelling across commands (``--component``, ``--config``, ``--dtype``, ``--out``;
+older spellings stay as aliases). A user's mistake (a bad config, folder, budget or device) is one
+line on stderr and exit code 2, as for a bad option; ``pipequant --debug ...`` shows the traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +11,54 @@ import json
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from .backends.base import MissingBackendError, QuantizationConfigError
+from .checkpoint import CheckpointError
+from .devices import DeviceError
+from .loading import PipelineFolderError
+from .planning import BudgetError
 from .report import format_bytes, memory_report, memory_table
 
-app = typer.Typer(help="Load diffusion pipelines and quantize their components while they load.", no_args_is_help=True)
+#: errors whose message says what is wrong and how to fix it: shown as one line, without a traceback
+USER_ERRORS = (
+    QuantizationConfigError, PipelineFolderError, CheckpointError, BudgetError, DeviceError, MissingBackendError,
+    FileExistsError,
+)
+
+
+class _Commands(typer.core.TyperGroup):
+    """Runs a command; a user error becomes one line on stderr and exit code 2 unless --debug was given."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except USER_ERRORS as error:
+            if ctx.params.get("debug"):
+                raise
+            message = " ".join(str(error).split())
+            click.echo(f"Error: {message}", err=True)
+            raise typer.Exit(2) from None
+
+
+app = typer.Typer(
+    cls=_Commands, help="Load diffusion pipelines and quantize their components while they load.",
+    no_args_is_help=True, pretty_exceptions_show_locals=False,
+)
 # Wide enough for the tables when output is not a terminal (CI logs, pipes).
 console = Console(width=None if Console().is_terminal else 200)
+
+
+@app.callback()
+def _options(
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error."),
+) -> None:
+    """Load diffusion pipelines and quantize their components while they load."""
 
 
 
@@ -125,7 +168,9 @@ def quantize(
     path: str = typer.Argument(..., help="Pipeline folder or Hub repo id."),
     backend: str = typer.Option(..., help="Quantization backend (bitsandbytes_4bit, bitsandbytes_8bit, torchao, quanto, gguf)."),
     out: Path = typer.Option(..., help="Folder for the quantized pipeline, or a .gguf file (gguf backend: one component)."),
-    components: list[str] = typer.Option([], "--components", help="Component to quantize (repeatable; default: every model component)."),
+    components: list[str] = typer.Option(
+        [], "--component", "--components", help="Component to quantize (repeatable; default: every model component)."
+    ),
     kwargs: list[str] = typer.Option([], "--kwargs", help="KEY=VALUE option of the backend's config (repeatable), e.g. bnb_4bit_quant_type=nf4."),
     qtype: str = typer.Option(None, "--type", help="GGML type for the gguf backend, e.g. Q4_K, Q6_K, Q8_0."),
     rule: list[str] = typer.Option([], "--rule", help="gguf: PATTERN=TYPE, a per-layer type, first match wins (repeatable)."),
@@ -165,12 +210,12 @@ def _quantize_to_gguf(path, backend, options, components, dtype, out: Path, layo
             f"a .gguf file holds GGUF blocks; {backend!r} saves to a folder (give --out a folder).", param_hint="--backend"
         )
     if len(components) > 1:
-        raise typer.BadParameter("a .gguf file holds one component; name one.", param_hint="--components")
+        raise typer.BadParameter("a .gguf file holds one component; name one.", param_hint="--component")
     config = GGUFQuantizationConfig.from_kwargs(options, context="pipequant quantize")
     index = read_pipeline_index(resolve_pipeline_folder(path))
     name = components[0] if components else next((c for c in ("transformer", "unet") if c in index.components), None)
     if name is None or name not in index.components or index.component_class(name) is None:
-        raise typer.BadParameter(f"{index.pipeline_class_name} has no component {name!r}.", param_hint="--components")
+        raise typer.BadParameter(f"{index.pipeline_class_name} has no component {name!r}.", param_hint="--component")
     started = time.perf_counter()
     model = load_model(index.component_class(name), index.folder / name, config, torch_dtype=dtype)
     written = save_gguf(model, out, layout=layout, overwrite=overwrite)

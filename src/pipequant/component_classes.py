@@ -75,16 +75,17 @@ def component_class(library: str, class_name: str, *, component: str, index_path
     return cls
 
 
-def pipeline_class(class_name: str, *, index_path: Path) -> type:
-    """The diffusers pipeline class `index_path` names."""
+def pipeline_class(class_name: str, *, index_path: Path | None = None) -> type:
+    """The diffusers pipeline class called `class_name` (the one `index_path` names, where given)."""
     import diffusers
 
     cls = getattr(diffusers, class_name, None)
+    named = f"{index_path} names pipeline class {class_name!r}" if index_path is not None else repr(class_name)
     if cls is None:
         raise PipelineFolderError(
-            f"{index_path} names pipeline class {class_name!r}, which this diffusers ({diffusers.__version__}) "
-            "does not have. Upgrade diffusers."
+            f"{named}, which this diffusers ({diffusers.__version__}) does not have. Check the name, or upgrade "
+            "diffusers."
         )
     if not isinstance(cls, type) or not issubclass(cls, diffusers.DiffusionPipeline):
-        raise PipelineFolderError(f"{index_path} names {class_name!r} as its pipeline class, which is not a pipeline.")
+        raise PipelineFolderError(f"{named}, which is not a pipeline class.")
     return cls

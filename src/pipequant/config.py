@@ -133,3 +133,25 @@ def _as_backend_config(component: str, config: Any) -> BackendConfig:
         f"quant_mapping[{component!r}] is a {type(config).__name__}, not a quantization config. Use one of: "
         f"{', '.join(c.__name__ for c in config_classes())} (or diffusers'/transformers' own config objects)."
     )
+
+
+def as_pipeline_config(config: Any) -> PipelineQuantizationConfig | None:
+    """pipequant's config as is; diffusers' `PipelineQuantizationConfig` converted field by field (both forms).
+
+    The conversion goes through the same constructor as ours, so it resolves to the same backend
+    configs, layers and bytes; a backend or option pipequant cannot honour is the same error.
+    """
+    if config is None or isinstance(config, PipelineQuantizationConfig):
+        return config
+    if type(config).__name__ == "PipelineQuantizationConfig" and type(config).__module__.startswith("diffusers."):
+        return PipelineQuantizationConfig(
+            quant_backend=config.quant_backend,
+            quant_kwargs=config.quant_kwargs or None,
+            # diffusers quantizes every component when the list is empty, as for None
+            components_to_quantize=config.components_to_quantize or None,
+            quant_mapping=config.quant_mapping,
+        )
+    raise QuantizationConfigError(
+        f"quantization_config must be a PipelineQuantizationConfig (pipequant's or diffusers'), not a "
+        f"{type(config).__name__}. For one component use quant_mapping={{'transformer': config}}."
+    )

@@ -22,7 +22,7 @@ from torch import nn
 
 from .backends.gguf.metadata import FLUX_ARCHITECTURE, OWN_ARCHITECTURE, VERSION, PipequantMetadata
 from .backends.gguf.writer import StoredTensor, to_bfl_layout, write_gguf
-from .quantizing import RECORD_ATTRIBUTE, QuantizationRecord
+from .quantizing import QuantizationRecord, quantization_record
 from .streaming import tied_groups
 
 LAYOUTS = ("auto", "bfl", "diffusers")
@@ -41,7 +41,7 @@ def save_gguf(model: nn.Module, path: str | Path, *, layout: str = "auto", overw
         raise ValueError(f"{path}: a GGUF file's name ends in .gguf (the loaders tell the format by it).")
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r}; use one of {', '.join(LAYOUTS)}.")
-    record: QuantizationRecord | None = getattr(model, RECORD_ATTRIBUTE, None)
+    record: QuantizationRecord | None = quantization_record(model)
     if record is not None and record.backend != "gguf":
         raise ValueError(
             f"This {type(model).__name__} is quantized with {record.backend}; a .gguf file holds GGUF layers and plain "

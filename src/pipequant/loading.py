@@ -25,8 +25,10 @@ from .backends import backend_for
 from .backends.base import BackendConfig
 from .checkpoint import CheckpointError, ComponentCheckpoint
 from .component_classes import PipelineFolderError, component_class, pipeline_class
-from .config import PipelineQuantizationConfig
+from .config import PipelineQuantizationConfig, as_pipeline_config
+from .devices import check_device, roomiest_gpu
 from .gguf_loading import is_gguf_file, load_gguf_model
+from .load_options import HubOptions, take_load_options, unknown_keywords_error
 from .quantizing import quantize_model
 from .restoring import saved_config
 from .streaming import ProgressCallback, build_empty_model, count_layers, stored_shapes, stream_model
@@ -60,12 +62,18 @@ class PipelineIndex:
         return models, others
 
 
-def resolve_pipeline_folder(path_or_repo_id: str | Path) -> Path:
-    """A local folder as is; anything else is a Hub repo id, fetched (or found in the cache) by huggingface_hub."""
+def resolve_pipeline_folder(path_or_repo_id: str | Path, hub: HubOptions | None = None) -> Path:
+    """A local folder as is; anything else is a Hub repo id, fetched (or found in the cache) by huggingface_hub.
+
+    `hub` carries from_pretrained's revision, cache_dir, token and local_files_only for the download,
+    and `subfolder`, the pipeline's folder inside the repo or local folder.
+    """
+    hub = hub or HubOptions()
+    subfolder = hub.subfolder.strip("/") if hub.subfolder else ""
     path = Path(path_or_repo_id).expanduser()
     recover(path)  # what a killed save_pipeline left beside it
     if path.is_dir():
-        return path
+        return _subfolder(path, subfolder)
     if path.exists() or str(path_or_repo_id).count("/") != 1:
         raise PipelineFolderError(
             f"{path_or_repo_id!r} is neither a pipeline folder nor a Hub repo id of the form 'owner/name'."
@@ -73,13 +81,31 @@ def resolve_pipeline_folder(path_or_repo_id: str | Path) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    patterns = [f"{subfolder}/{pattern}" if subfolder else pattern for pattern in _HUB_PATTERNS]
     try:
-        return Path(snapshot_download(str(path_or_repo_id), allow_patterns=["*.json", "*.txt", "*.model", "*.safetensors", "*.gguf"]))
+        folder = snapshot_download(
+            str(path_or_repo_id), allow_patterns=patterns, revision=hub.revision, cache_dir=hub.cache_dir,
+            token=hub.token, local_files_only=hub.local_files_only,
+        )
+        return _subfolder(Path(folder), subfolder)
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
         raise PipelineFolderError(
             f"{path_or_repo_id!r} is not a local folder, and fetching it from the Hub failed ({error}). "
             "Check the repo id, your network and HF token, or pass a local folder."
         ) from error
+
+
+#: the files a pipeline needs: configs, tokenizer files, weights (never pickles); huggingface_hub's `*` spans folders
+_HUB_PATTERNS = ("*.json", "*.txt", "*.model", "*.safetensors", "*.gguf")
+
+
+def _subfolder(folder: Path, subfolder: str) -> Path:
+    if not subfolder:
+        return folder
+    inside = folder / subfolder
+    if ".." in Path(subfolder).parts or not inside.is_dir():
+        raise PipelineFolderError(f"subfolder={subfolder!r} is not a folder inside {folder}.")
+    return inside
 
 
 def read_pipeline_index(folder: str | Path) -> PipelineIndex:
@@ -130,6 +156,7 @@ def load_model(
     `folder` may also be a single .gguf file (see `gguf_loading.load_gguf_model`); its architecture
     comes from `config_folder`'s config.json, or from the file when pipequant wrote it.
     """
+    device = check_device(device)
     recover(Path(folder))  # what a killed save_model / save_gguf left beside it
     if is_gguf_file(folder):
         return load_gguf_model(
@@ -138,7 +165,6 @@ def load_model(
         )
     if config_folder is not None:
         raise TypeError("config_folder is for .gguf files; a model folder has its own config.json.")
-    device = torch.device(device or "cpu")
     folder = Path(folder)
     saved = saved_config(folder, quantization_config)
     config = saved or quantization_config
@@ -155,31 +181,39 @@ def load_model(
 
 def load_pipeline(
     path_or_repo_id: str | Path,
-    quantization_config: PipelineQuantizationConfig | None = None,
+    quantization_config: PipelineQuantizationConfig | Any | None = None,
     torch_dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
-    **components: Any,
+    *,
+    pipeline_class: type | None = None,
+    **kwargs: Any,
 ):
     """Load a diffusers pipeline, quantizing the components `quantization_config` names as they load.
+
+    `quantization_config` is pipequant's `PipelineQuantizationConfig` or diffusers' own. The keywords
+    of diffusers' ``from_pretrained`` are taken too (``dtype``, ``device_map``, ``variant``,
+    ``revision``, ``subfolder``, ``cache_dir``, ``token``, ``local_files_only``, ``use_safetensors``,
+    ``low_cpu_mem_usage``; see `load_options`); any other keyword names a component.
 
     Components passed as keywords (``text_encoder_2=my_model``) are used as given, and quantized
     too when the config names them. A model component given as the path of a .gguf file
     (``transformer="flux1-dev-Q4_K_S.gguf"``) is loaded from it, with the component folder's
     config.json for its architecture. Components saved already quantized (by `save_pipeline`,
     diffusers or transformers) are restored from their stored layers; a config given for one of
-    them must agree with the saved one. Returns the diffusers pipeline class named in the index,
-    with the config on its ``quantization_config`` attribute.
+    them must agree with the saved one. Returns the diffusers pipeline class named in the index
+    (or `pipeline_class`, as ``FluxImg2ImgPipeline.from_pretrained`` on a Flux folder does in
+    diffusers), with the config on its ``quantization_config`` attribute.
     """
-    folder = resolve_pipeline_folder(path_or_repo_id)
-    index = read_pipeline_index(folder)
+    quantization_config = as_pipeline_config(quantization_config)
+    components = {**kwargs, "torch_dtype": torch_dtype, "device": device}
+    options = take_load_options(components)  # what is left in `components` names components
+    folder = resolve_pipeline_folder(path_or_repo_id, options.hub)
+    index = index_for_class(read_pipeline_index(folder), pipeline_class, given=set(components))
     model_names, other_names = index.split_components()
     unknown = sorted(set(components) - set(index.components))
     if unknown:
-        raise TypeError(
-            f"load_pipeline got {', '.join(map(repr, unknown))}, which {index.pipeline_class_name} does not have. "
-            f"Its components: {', '.join(index.components)}."
-        )
+        raise unknown_keywords_error(unknown, list(index.components), index.pipeline_class_name)
     configs = quantization_config.resolve(model_names, other_names) if quantization_config is not None else {}
     gguf_files = {name: value for name, value in components.items() if is_gguf_file(value)}
     not_models = sorted(set(gguf_files) - set(model_names))
@@ -192,19 +226,24 @@ def load_pipeline(
         if name not in components and (config := saved_config(folder / name, configs.get(name))) is not None
     }
     configs.update(saved)
-    target = torch.device(device or "cpu")
+    balanced = options.device == "balanced"
     for config in configs.values():
         backend = backend_for(config)
         backend.require()
-        backend.check_device(config, target)
+        backend.check_device(config, torch.device("cuda", 0) if balanced else options.device)
 
     loaded: dict[str, Any] = {}
+    placed: dict[str, int] = {}
     with progress_bars(progress) as add_task:
         for name in index.components:
+            if balanced:  # models to the roomiest GPU as they come; tokenizers and schedulers hold no tensors
+                target = roomiest_gpu() if name in model_names else torch.device("cpu")
+            else:
+                target = options.device
+            dtype = options.dtype_for(name)
             if name in gguf_files:
-                loaded[name] = _load_gguf_component(
-                    index, name, gguf_files[name], gguf_configs[name], torch_dtype, target, add_task
-                )
+                gguf_config = gguf_configs[name]
+                loaded[name] = _load_gguf_component(index, name, gguf_files[name], gguf_config, dtype, target, add_task)
             elif name in components:
                 given = components[name]
                 if name in configs and isinstance(given, nn.Module):
@@ -212,11 +251,16 @@ def load_pipeline(
                 loaded[name] = given
             else:
                 loaded[name] = _load_component(
-                    index, name, configs.get(name), torch_dtype, target, add_task, saved=name in saved
+                    index, name, configs.get(name), dtype, target, add_task,
+                    saved=name in saved, variant=options.variant,
                 )
+            if balanced and name in model_names:
+                placed[name] = target.index
 
     pipeline = _assemble(index, loaded)
     pipeline.quantization_config = quantization_config
+    if balanced:
+        pipeline.hf_device_map = placed  # as diffusers' device_map="balanced" records it
     return pipeline
 
 
@@ -228,6 +272,7 @@ def _load_component(
     device: torch.device,
     add_task,
     saved: bool = False,
+    variant: str | None = None,
 ) -> Any:
     cls = index.component_class(name)
     if cls is None:
@@ -237,7 +282,7 @@ def _load_component(
         return cls.from_pretrained(folder)
     # Every model is streamed, quantized or not: a missing, extra or mis-typed tensor is one error naming the
     # file and keys (diffusers' from_pretrained warns and leaves random or meta weights), and no pickle is read.
-    checkpoint = ComponentCheckpoint(folder)
+    checkpoint = ComponentCheckpoint(folder, variant)
     model = build_empty_model(cls, folder, stored_shapes(checkpoint))
     if config is None:
         # None keeps the stored dtype (diffusers alone would make it float32): a pipeline saved in bfloat16
@@ -274,6 +319,30 @@ def _load_gguf_component(
     )
 
 
+def index_for_class(index: PipelineIndex, pipeline_class: type | None, given: set[str]) -> PipelineIndex:
+    """`index` as `pipeline_class` takes it, as diffusers' ``SomePipeline.from_pretrained`` reads a folder:
+    the folder's components that class has, and None for optional ones the folder lacks.
+
+    A component the class needs that neither the folder nor the `given` keywords provide is an error,
+    raised before any weight is read. None or diffusers' `DiffusionPipeline`: the class the index names.
+    """
+    import diffusers
+
+    if pipeline_class is None or pipeline_class is diffusers.DiffusionPipeline:
+        return index
+    expected, _ = pipeline_class._get_signature_keys(pipeline_class)
+    optional = set(getattr(pipeline_class, "_optional_components", ()) or ())
+    missing = sorted(set(expected) - set(index.components) - given - optional)
+    if missing:
+        raise PipelineFolderError(
+            f"{pipeline_class.__name__} needs component(s) {', '.join(missing)}, which {index.folder} (a "
+            f"{index.pipeline_class_name}) does not have; pass them as keywords, or load it with "
+            f"{index.pipeline_class_name}.from_pretrained."
+        )
+    components = {name: index.components.get(name) for name in expected}
+    return dataclasses.replace(index, pipeline_class_name=pipeline_class.__name__, components=components)
+
+
 def _assemble(index: PipelineIndex, components: dict[str, Any]):
     cls = pipeline_class(index.pipeline_class_name, index_path=index.index_path)
     accepted = inspect.signature(cls.__init__).parameters
@@ -304,8 +373,10 @@ def progress_bars(enabled: bool) -> Iterator[Any]:
         yield add_task
 
 
-def quantize_pipeline(pipeline, config: PipelineQuantizationConfig, device: torch.device | str | None = None):
+def quantize_pipeline(pipeline, config: PipelineQuantizationConfig | Any, device: torch.device | str | None = None):
     """Quantize the components of an in-memory pipeline that `config` names, layer by layer, in place."""
+    config = as_pipeline_config(config)
+    device = None if device is None else check_device(device)  # before any layer is touched
     models = [name for name, value in pipeline.components.items() if isinstance(value, nn.Module)]
     others = [name for name, value in pipeline.components.items() if value is not None and name not in models]
     for name, component_config in config.resolve(models, others).items():

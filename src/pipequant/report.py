@@ -13,7 +13,7 @@ from torch import nn
 
 from .backends import get_backend
 from .backends.base import tensor_nbytes
-from .quantizing import RECORD_ATTRIBUTE, QuantizationRecord
+from .quantizing import QuantizationRecord, quantization_record
 
 
 @dataclasses.dataclass
@@ -29,7 +29,7 @@ class ComponentMemory:
 
 
 def component_memory(name: str, model: nn.Module) -> ComponentMemory:
-    record: QuantizationRecord | None = getattr(model, RECORD_ATTRIBUTE, None)
+    record: QuantizationRecord | None = quantization_record(model)
     backend = get_backend(record.backend) if record is not None else None
     seen: set[int] = set()
     nbytes = 0

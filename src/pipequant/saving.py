@@ -25,13 +25,13 @@ from typing import Any
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
-from safetensors.torch import save_file
 from torch import nn
 
+from .aligned_safetensors import save_aligned
 from .atomic import recover, replace_folder, temporary_prefix
 from .backends import get_backend
 from .backends.base import Backend
-from .quantizing import RECORD_ATTRIBUTE, QuantizationRecord
+from .quantizing import QuantizationRecord, quantization_record
 from .streaming import tied_groups
 
 #: largest safetensors file of a component before it is sharded (with an index json), as diffusers' default
@@ -70,15 +70,26 @@ def save_model(
 
 def save_component(component: Any, folder: Path, max_shard_size: int | str) -> None:
     """One component into `folder`: quantized models by their backend, everything else by its library."""
-    record: QuantizationRecord | None = getattr(component, RECORD_ATTRIBUTE, None)
+    record: QuantizationRecord | None = quantization_record(component)
     if record is not None:
         _save_quantized(component, record, folder, max_shard_size)
     elif isinstance(component, nn.Module) and hasattr(component, "save_pretrained"):
         component.save_pretrained(folder, max_shard_size=max_shard_size)
+        if getattr(component, "is_quantized", None) is False:
+            _drop_quantization_config(folder)
     elif hasattr(component, "save_pretrained"):
         component.save_pretrained(folder)
     else:
         raise TypeError(f"Cannot save a {type(component).__name__}: it has no save_pretrained.")
+
+
+def _drop_quantization_config(folder: Path) -> None:
+    """A dequantized model (``model.dequantize()``) keeps its library's ``config.quantization_config``, which
+    its ``save_pretrained`` writes; the weights are full precision, so the entry would make a reload wrong."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    if config.pop("quantization_config", None) is not None:
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _save_quantized(model: nn.Module, record: QuantizationRecord, folder: Path, max_shard_size: int | str) -> None:
@@ -88,6 +99,7 @@ def _save_quantized(model: nn.Module, record: QuantizationRecord, folder: Path, 
             f"Saving {record.backend} components is not supported yet: pipequant could not load them back."
         )
     tensors, metadata = _quantized_state(model, backend)
+    metadata.update(backend.checkpoint_metadata(tensors, metadata))
     folder.mkdir(parents=True, exist_ok=True)
     weights_name = "diffusion_pytorch_model" if _is_diffusers_model(model) else "model"
     _write_safetensors(tensors, metadata, folder, weights_name, max_shard_size)
@@ -139,7 +151,7 @@ def _write_safetensors(
     )
     for filename, names in split.filename_to_tensors.items():
         shard = {name: tensors[name].detach().to("cpu").contiguous() for name in names}
-        save_file(shard, folder / filename, metadata={"format": "pt", **metadata})
+        save_aligned(shard, folder / filename, {"format": "pt", **metadata})
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
         index_path = folder / f"{weights_name}.safetensors.index.json"

@@ -20,7 +20,8 @@ from torch import nn
 from .backends import backend_for
 from .backends.base import BackendConfig, QuantizationConfigError, matches_module_pattern
 from .checkpoint import SAFETENSORS_DTYPES, ComponentCheckpoint
-from .config import PipelineQuantizationConfig
+from .config import PipelineQuantizationConfig, as_pipeline_config
+from .devices import check_device
 from .loading import read_pipeline_index, resolve_pipeline_folder
 from .quantizing import float32_patterns, quantization_targets
 from .report import ComponentMemory
@@ -40,11 +41,12 @@ def estimate(
     that does not fit the pipeline or `device`, weights that do not fit their config) and
     `QuantizationConfigError` for a component saved already quantized, whose size is what is stored.
     """
+    config = as_pipeline_config(config)
+    target = check_device(device)
     folder = resolve_pipeline_folder(path)
     index = read_pipeline_index(folder)
     models, others = index.split_components()
     configs = config.resolve(models, others) if config is not None else {}
-    target = torch.device(device or "cpu")
     for component_config in configs.values():
         backend = backend_for(component_config)
         backend.require()

@@ -22,10 +22,10 @@ from .backends.base import BackendConfig, matches_module_pattern
 from .checkpoint import Checkpoint, CheckpointError
 from .config_bounds import check_config_fits
 from .quantizing import (
-    RECORD_ATTRIBUTE,
     QuantizationRecord,
     float32_patterns,
     quantization_targets,
+    record_quantization,
     replace_module,
 )
 from .restoring import restore_layer, saved_layers
@@ -101,7 +101,7 @@ def stream_model(
             layer = restore_layer(
                 module, name, stored[name], checkpoint, backend=backend, config=config, dtype=dtype, device=device
             )
-            replace_module(model, name, layer)
+            replace_module(model, name, layer, config)
             if on_layer is not None:
                 on_layer(done, len(owners))
             continue
@@ -120,7 +120,7 @@ def stream_model(
         if name in targets:
             assert backend is not None and config is not None
             layer = backend.quantize(name, module, config, device)
-            replace_module(model, name, layer)
+            replace_module(model, name, layer, config)
             if layer is not module:  # `owners` still holds the old layer: drop its full-precision tensors now
                 module._parameters.clear()
             _return_freed_memory()
@@ -135,11 +135,8 @@ def stream_model(
     _check_nothing_left_on_meta(model, checkpoint)
     model.eval()
     if backend is not None and config is not None:
-        setattr(
-            model,
-            RECORD_ATTRIBUTE,
-            QuantizationRecord(config, backend.name, len(targets), full_nbytes, parameter_count),
-        )
+        record = QuantizationRecord(config, backend.name, len(targets), full_nbytes, parameter_count)
+        record_quantization(model, record, dtype=dtype, pre_quantized=saved)
     return model
 
 

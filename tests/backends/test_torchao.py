@@ -201,7 +201,11 @@ def test_bad_config_is_refused_when_constructed(make_config, message):
 @pytest.mark.parametrize(
     ("saved", "expected"),
     [
-        (TorchAoConfig("uint4wo", group_size=32).to_dict(), TorchAoConfig("uint4wo", group_size=32)),
+        (  # the name form pipequant wrote before it wrote diffusers' form
+            {"quant_method": "torchao", "quant_type": "uint4wo", "quant_type_kwargs": {"group_size": 32},
+             "modules_to_not_convert": None},
+            TorchAoConfig("uint4wo", group_size=32),
+        ),
         (TorchAoConfig(Int8WeightOnlyConfig()).to_dict(), TorchAoConfig(Int8WeightOnlyConfig())),
         (
             diffusers.TorchAoConfig(Int8WeightOnlyConfig(), modules_to_not_convert=["proj_out"]).to_dict(),
@@ -213,3 +217,12 @@ def test_bad_config_is_refused_when_constructed(make_config, message):
 def test_saved_quantization_config_reads_back(saved, expected):
     """A component's config.json `quantization_config`, as pipequant, diffusers or transformers write it."""
     assert config_from_dict(json.loads(json.dumps(saved)), context="config.json") == expected
+
+
+def test_a_named_type_is_saved_as_the_torchao_object_it_applies():
+    """to_dict writes diffusers' form; reading it back applies the same torchao config as the name did."""
+    config = TorchAoConfig("uint4wo", group_size=32, modules_to_not_convert=["proj_out"])
+    saved = json.loads(json.dumps(config.to_dict()))
+    assert saved == diffusers.TorchAoConfig(config.torchao_config(), modules_to_not_convert=["proj_out"]).to_dict()
+    restored = config_from_dict(saved, context="config.json")
+    assert restored.torchao_config() == config.torchao_config() and restored.differences(config) == []

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
+import importlib
 import importlib.util
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Iterable, Mapping
@@ -50,6 +51,16 @@ def matches_module_pattern(module_name: str, patterns: Iterable[str]) -> bool:
             if any(prefix == pattern or prefix.endswith("." + pattern) for prefix in prefixes):
                 return True
     return False
+
+
+LIBRARIES = ("diffusers", "transformers")
+
+
+def library_module(library: str) -> Any:
+    """The top-level module of diffusers or transformers, whose config classes `to_library` builds."""
+    if library not in LIBRARIES:
+        raise ValueError(f"library must be one of {', '.join(LIBRARIES)}, not {library!r}")
+    return importlib.import_module(library)
 
 
 def dtype_from_any(value: Any, field_name: str) -> torch.dtype | None:
@@ -106,6 +117,14 @@ class BackendConfig:
     def from_foreign(cls, foreign: Any) -> BackendConfig:
         """Convert a diffusers or transformers config object, refusing any setting we would drop."""
         raise NotImplementedError(f"{cls.__name__} converts no foreign config")
+
+    def to_library(self, library: str, dtype: torch.dtype | None) -> Any:
+        """This config as `library`'s ("diffusers" or "transformers") own config object, the inverse of
+        `from_foreign`: what that library would put on ``model.config.quantization_config`` (see `markers`).
+
+        `dtype` is the dtype the component was loaded in, for settings that default to it.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no {library} equivalent")
 
     def excluded(self, module_name: str) -> bool:
         return matches_module_pattern(module_name, self.modules_to_not_convert or ())
@@ -210,6 +229,19 @@ class Backend(ABC):
     def check_device(self, config: BackendConfig, device: torch.device) -> None:
         """Refuse, before any weight is read, a config that cannot run on `device`."""
 
+    def library_quantizer(self, library_config: Any, *, pre_quantized: bool) -> Any:
+        """The quantizer object diffusers or transformers keeps on a model it quantized with `library_config`
+        (``model.hf_quantizer``): the library's own, chosen by the library from the config, as its
+        ``from_pretrained`` makes it. A backend whose layers the library's quantizer cannot handle overrides this.
+        """
+        if type(library_config).__module__.split(".")[0] == "diffusers":
+            from diffusers.quantizers.auto import DiffusersAutoQuantizer
+
+            return DiffusersAutoQuantizer.from_config(library_config, pre_quantized=pre_quantized)
+        from transformers.quantizers.auto import AutoHfQuantizer
+
+        return AutoHfQuantizer.from_config(library_config, pre_quantized=pre_quantized)
+
     def takes(self, module_name: str, module: nn.Module, config: BackendConfig) -> bool:
         """Whether this backend quantizes `module` (built on the meta device or real)."""
         return type(module) is nn.Linear and not config.excluded(module_name)
@@ -224,6 +256,16 @@ class Backend(ABC):
     @abstractmethod
     def is_quantized(self, module: nn.Module) -> bool:
         """Whether `module` is a layer this backend produced."""
+
+    @abstractmethod
+    def dequantized_weight(self, module: nn.Module) -> torch.Tensor:
+        """A quantized layer's weight as full-precision values, ``(out_features, in_features)``, in the dtype it
+        was quantized from (what fusing a LoRA adds its delta to before quantizing again, see `pipequant.lora`)."""
+
+    def requantized(self, module: nn.Module, weight: torch.Tensor, config: BackendConfig) -> nn.Module:
+        """A new quantized layer like `module` (made with `config`) for the full-precision `weight`, with
+        `module`'s bias: what fusing a LoRA into `module` makes."""
+        return self.quantize("", linear_like(module, weight), config, weight.device)
 
     def layer_nbytes(self, module: nn.Module) -> int:
         """Bytes a quantized layer really holds (packed data plus scales), not its logical shape."""
@@ -244,6 +286,11 @@ class Backend(ABC):
         """The stored form of one quantized layer (see the class docstring)."""
         return LayerState(dict(module.state_dict()))
 
+    def checkpoint_metadata(self, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> dict[str, str]:
+        """Header entries the backend's library expects once per safetensors file, beside the layers' own
+        `metadata`; `tensors` are all the tensors stored. None by default."""
+        return {}
+
     def stored_as_quantized(self, names: Collection[str], module: nn.Module) -> bool:
         """Whether tensors stored under `module`'s name (relative `names`) are this backend's layer state."""
         own = {name for name, _ in module.named_parameters(recurse=False)}
@@ -258,6 +305,15 @@ class Backend(ABC):
         Raises ValueError when `state` is not a layer this backend stored.
         """
         raise NotImplementedError(f"The {self.name!r} backend cannot restore saved layers yet.")
+
+
+def linear_like(module: nn.Module, weight: torch.Tensor) -> nn.Linear:
+    """A full-precision `nn.Linear` of `weight` with a copy of `module`'s bias, for quantizing again."""
+    linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if module.bias is not None:
+        linear.bias = nn.Parameter(module.bias.data.clone(), requires_grad=False)
+    return linear
 
 
 def bias_nbytes(module: nn.Module, dtype: torch.dtype) -> int:

@@ -26,6 +26,7 @@ from .base import (
     QuantizationConfigError,
     bias_nbytes,
     dtype_from_any,
+    library_module,
     matches_module_pattern,
 )
 
@@ -155,6 +156,12 @@ class BitsAndBytesConfig(BackendConfig):
             "quant_method": "bitsandbytes",
         }
 
+    def to_library(self, library: str, dtype: torch.dtype | None) -> Any:
+        """diffusers' or transformers' `BitsAndBytesConfig` with the settings `to_dict` writes."""
+        settings = {key: value for key, value in self.to_dict().items() if not key.startswith("_")}
+        settings.pop("quant_method")
+        return library_module(library).BitsAndBytesConfig(**settings)
+
     @classmethod
     def from_dict(cls, stored: Mapping[str, Any], *, context: str) -> BitsAndBytesConfig:
         """Read what `to_dict`, diffusers or transformers wrote.
@@ -268,6 +275,11 @@ class BitsAndBytes4bitBackend(Backend):
 
         return isinstance(module, bnb.nn.Linear4bit)
 
+    def dequantized_weight(self, module: nn.Module) -> torch.Tensor:
+        import bitsandbytes.functional as F
+
+        return F.dequantize_4bit(module.weight.data, module.weight.quant_state)
+
     def estimate_layer_nbytes(
         self, module_name: str, module: nn.Module, config: BackendConfig, dtype: torch.dtype
     ) -> int:
@@ -358,6 +370,14 @@ class BitsAndBytes8bitBackend(Backend):
         import bitsandbytes as bnb
 
         return isinstance(module, bnb.nn.Linear8bitLt)
+
+    def dequantized_weight(self, module: nn.Module) -> torch.Tensor:
+        """float16, the dtype LLM.int8 quantizes from (`_int8_vectorwise_quant`). The first forward moves the row
+        scales from the parameter to the layer's state."""
+        import bitsandbytes.functional as F
+
+        row_scales = module.weight.SCB if module.weight.SCB is not None else module.state.SCB
+        return F.int8_vectorwise_dequant(module.weight.data, row_scales).to(torch.float16)
 
     def estimate_layer_nbytes(
         self, module_name: str, module: nn.Module, config: BackendConfig, dtype: torch.dtype

@@ -8,6 +8,7 @@ its tinygemm CPU/CUDA kernel) and their state dicts are quanto's format.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -16,7 +17,7 @@ from torch import nn
 
 from .. import kernels
 from . import int8_rows, row_blocks
-from .base import Backend, BackendConfig, LayerState, QuantizationConfigError, bias_nbytes
+from .base import Backend, BackendConfig, LayerState, QuantizationConfigError, bias_nbytes, library_module
 
 WEIGHT_DTYPES = ("int2", "int4", "int8", "float8")
 #: int8 is quanto's too, but needs calibration that loading cannot do (see `QuantoConfig`)
@@ -78,6 +79,26 @@ class QuantoConfig(BackendConfig):
         )
 
 
+    def to_library(self, library: str, dtype: torch.dtype | None) -> Any:
+        """transformers' `QuantoConfig(weights, activations)`, or diffusers' `QuantoConfig(weights_dtype)`.
+
+        diffusers' class has no activation setting; float8 activations are kept on its object as
+        ``activations_dtype`` (which its `to_dict` writes and its `from_dict` ignores), so nothing is hidden.
+        """
+        skip = list(self.modules_to_not_convert) if self.modules_to_not_convert else None
+        module = library_module(library)
+        if library == "transformers":
+            return module.QuantoConfig(
+                weights=self.weights_dtype, activations=self.activations_dtype, modules_to_not_convert=skip
+            )
+        with warnings.catch_warnings():  # diffusers deprecates quanto; the user chose it, warned by nothing of ours
+            warnings.simplefilter("ignore", FutureWarning)
+            config = module.QuantoConfig(weights_dtype=self.weights_dtype, modules_to_not_convert=skip)
+        if self.activations_dtype is not None:
+            config.activations_dtype = self.activations_dtype
+        return config
+
+
 def _synonym(name: str, value: Any, synonym: str, synonym_value: Any, *, default: Any) -> Any:
     if synonym_value is None:
         return value
@@ -129,6 +150,9 @@ class QuantoBackend(Backend):
         from optimum.quanto import QModuleMixin
 
         return isinstance(module, QModuleMixin)
+
+    def dequantized_weight(self, module: nn.Module) -> torch.Tensor:
+        return module.weight.dequantize()
 
     # --- saving and restoring (see Backend); the stored form is QLinear's own state dict ---
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import json
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -22,7 +23,7 @@ from torch import nn
 
 from .. import kernels
 from . import int8_rows, row_blocks
-from .base import Backend, BackendConfig, LayerState, QuantizationConfigError, dtype_from_any
+from .base import Backend, BackendConfig, LayerState, QuantizationConfigError, dtype_from_any, library_module
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +192,12 @@ class TorchAoConfig(BackendConfig):
             kwargs["quant_type"] = config_from_dict(quant_type["default"])
         return cls.from_kwargs(kwargs, context=context)
 
+    def to_library(self, library: str, dtype: torch.dtype | None) -> Any:
+        """diffusers' or transformers' `TorchAoConfig` around the torchao object this config applies, so
+        their code (diffusers' saving, peft's ``get_apply_tensor_subclass``) sees the same torchao config."""
+        skip = list(self.modules_to_not_convert) if self.modules_to_not_convert else None
+        return library_module(library).TorchAoConfig(self.torchao_config(), modules_to_not_convert=skip)
+
     @property
     def label(self) -> str:
         """How messages name the type: the name as written, or the torchao class."""
@@ -209,17 +216,20 @@ class TorchAoConfig(BackendConfig):
         return self._torchao_config
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly: a torchao object as diffusers serializes it, option dtypes as names."""
-        out = super().to_dict()
-        if not isinstance(self.quant_type, str):
-            from torchao.core.config import config_to_dict
+        """What diffusers' `TorchAoConfig.to_dict` writes, key for key: the torchao object this config applies
+        (a name with its options built into one) as ``{"default": <torchao's config_to_dict>}``.
 
-            out["quant_type"] = {"default": config_to_dict(self.quant_type)}
-        out["quant_type_kwargs"] = {
-            key: str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else value
-            for key, value in self.quant_type_kwargs.items()
+        diffusers >= 0.37 reads only this form, so a component pipequant saves loads there too; `from_dict`
+        still reads the name form (``"quant_type": "int8wo"``) pipequant wrote before.
+        """
+        from torchao.core.config import config_to_dict
+
+        skip = list(self.modules_to_not_convert) if self.modules_to_not_convert else None
+        return {
+            "modules_to_not_convert": skip,
+            "quant_method": self.backend_name,
+            "quant_type": {"default": config_to_dict(self.torchao_config())},
         }
-        return out
 
     def _check_name_and_options(self) -> None:
         if self.quant_type not in QUANT_TYPES:
@@ -508,6 +518,9 @@ class TorchAoBackend(Backend):
 
         return isinstance(getattr(module, "weight", None), TorchAOBaseTensor)
 
+    def dequantized_weight(self, module: nn.Module) -> torch.Tensor:
+        return module.weight.dequantize()
+
     # --- saving and restoring (see Backend): torchao's own safetensors flattening, no pickle ---
 
     def save_layer(self, module: nn.Module) -> LayerState:
@@ -524,6 +537,19 @@ class TorchAoBackend(Backend):
         if module.bias is not None:
             tensors["bias"] = module.bias.detach()
         return LayerState(tensors, {"weight": metadata[f"{_LAYER}.weight"]})
+
+    def checkpoint_metadata(self, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> dict[str, str]:
+        """The rest of what torchao's `flatten_tensor_state_dict` writes for a whole model: ``tensor_names``, every
+        tensor of the state dict by its unflattened name, and ``{"_type": "Tensor"}`` for each plain one.
+
+        diffusers takes ``tensor_names`` as the list of the checkpoint's keys; without it, it loads the
+        flattened parts as unknown keys and leaves the quantized layers with random weights.
+        """
+        # "<layer>.weight" is stored as parts "<layer>._weight_<part>" (torchao's naming)
+        flattened = {_part_prefix(*name.rpartition(".")[::2]) for name in metadata}
+        plain = [key for key in tensors if _part_prefix(*key.rpartition(".")[::2], part=True) not in flattened]
+        plain_type = json.dumps({"_type": torch.Tensor.__name__})
+        return {"tensor_names": json.dumps([*metadata, *plain]), **dict.fromkeys(plain, plain_type)}
 
     def restore(
         self, module: nn.Module, state: LayerState, config: BackendConfig, device: torch.device
@@ -555,6 +581,16 @@ class TorchAoBackend(Backend):
 
 #: the layer name torchao's (whole-model) flattening is given for one layer, stripped again after
 _LAYER = "layer"
+
+
+def _part_prefix(layer: str, leaf: str, part: bool = False) -> str | None:
+    """torchao's "<layer>._<attribute>_" for tensor `leaf` of `layer`; with `part`, `leaf` is a stored part
+    ("_weight_qdata") and the prefix is read from it (None when it is not one)."""
+    if part:
+        if not leaf.startswith("_") or "_" not in leaf[1:]:
+            return None
+        leaf = leaf[1:].split("_", 1)[0]
+    return f"{layer}._{leaf}_" if layer else f"_{leaf}_"
 
 
 BACKENDS: tuple[Backend, ...] = (TorchAoBackend(),)

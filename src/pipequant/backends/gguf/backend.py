@@ -10,11 +10,12 @@ a 0-d int32 tensor, which also tells a stored GGUF layer from a plain one) and `
 from __future__ import annotations
 
 from collections.abc import Collection
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..base import Backend, BackendConfig, LayerState, QuantizationConfigError
+from ..base import Backend, BackendConfig, LayerState, QuantizationConfigError, linear_like
 from .config import GGUF_TYPES, GGUFQuantizationConfig, fitting_type, row_nbytes
 
 TYPE_TENSOR = "weight_type"
@@ -52,6 +53,12 @@ class GGUFBackend(Backend):
         """The codecs are plain torch and run anywhere; what is refused is quantizing without a type."""
         _require_quant_type(config)
 
+    def library_quantizer(self, library_config: Any, *, pre_quantized: bool) -> Any:
+        """diffusers' GGUF quantizer, with a `dequantize` that knows our layers (see `library_quantizer.py`)."""
+        from .library_quantizer import GGUFLayersQuantizer
+
+        return GGUFLayersQuantizer(library_config)
+
     def quantize(self, module_name: str, module: nn.Module, config: BackendConfig, device: torch.device) -> nn.Module:
         from .linear import quantize_linear
 
@@ -72,6 +79,16 @@ class GGUFBackend(Backend):
         from .linear import GGUFLinear
 
         return isinstance(module, GGUFLinear)
+
+    def requantized(self, module: nn.Module, weight: torch.Tensor, config: BackendConfig) -> nn.Module:
+        """In the layer's own GGML type and compute dtype: a layer read from a .gguf file may hold any type."""
+        from .linear import quantize_linear
+
+        return quantize_linear(linear_like(module, weight), module.ggml_type, module.compute_dtype, "", weight.device)
+
+    def dequantized_weight(self, module: nn.Module) -> torch.Tensor:
+        """In the layer's compute dtype: the dtype a `GGUFLinear` is quantized from when the config sets none."""
+        return module.dequantized_weight()
 
     def layer_nbytes(self, module: nn.Module) -> int:
         """The raw blocks plus the bias."""

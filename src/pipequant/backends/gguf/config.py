@@ -126,6 +126,19 @@ class GGUFQuantizationConfig(BackendConfig):
         skip = getattr(foreign, "modules_to_not_convert", None)
         return cls(compute_dtype=foreign.compute_dtype, modules_to_not_convert=list(skip) if skip else None)
 
+    def to_library(self, library: str, dtype: torch.dtype | None) -> Any:
+        """diffusers' `GGUFQuantizationConfig` carrying our settings too (see `library_quantizer.py`), for
+        transformers models as well: transformers has no GGUF quantization config (it dequantizes .gguf
+        files on load). ``compute_dtype`` is the one the layers use."""
+        from .library_quantizer import GGUFLayersConfig
+
+        return GGUFLayersConfig(
+            compute_dtype=self.compute_dtype or dtype or torch.float32,
+            quant_type=self.quant_type,
+            type_rules=dict(self.type_rules) if self.type_rules else None,
+            modules_to_not_convert=list(self.modules_to_not_convert) if self.modules_to_not_convert else None,
+        )
+
     def differences(self, given: BackendConfig) -> list[str]:
         """Types must agree; a compute dtype left unset on `given` takes the saved one."""
         if not isinstance(given, GGUFQuantizationConfig):

@@ -4,7 +4,8 @@ The weight is stored exactly as a .gguf file holds it (uint8, one row of blocks 
 feature), so loading a file copies bytes and writing one copies them back, with no re-quantization
 either way. Each forward dequantizes (compiled kernel on CPU) to `compute_dtype` and runs `F.linear`:
 memory is the quantized size, at the price of a dequantization per call, as in ComfyUI-GGUF and
-diffusers' GGUF layers.
+diffusers' GGUF layers. The dequantization is a torch custom operator (`ops.py`), so `torch.compile`
+traces the layer into one graph.
 
 A GGML type stores rows in blocks (32 weights, 256 for the K-quants); a layer whose input size is
 not a multiple gets the type llama.cpp's quantizer picks for such rows instead, or F16/BF16 when
@@ -21,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import fitting_type, row_nbytes
-from .quants import block_size, dequantize, quantize
+from .ops import gguf_dequantize
+from .quants import block_size, quantize
 
 
 class GGUFTypeFallbackWarning(UserWarning):
@@ -66,7 +68,7 @@ class GGUFLinear(nn.Module):
             self.bias = nn.Parameter(bias.to(compute_dtype), requires_grad=False)
 
     def dequantized_weight(self) -> torch.Tensor:
-        return dequantize(self.weight, self.ggml_type, (self.out_features, self.in_features), self.compute_dtype)
+        return gguf_dequantize(self.weight, self.ggml_type, self.out_features, self.in_features, self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)

@@ -1,0 +1,62 @@
+"""Offloading quantized pipelines with diffusers' hooks: the same image as without offloading.
+
+On CPU the hooks run with CPU as the onload device (their logic: which module is onloaded when, moved back after);
+the CUDA tests run the accelerator path, streams and sequential offload included (accelerate's sequential offload
+cannot run with CPU as its execution device, quantized or not).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers.hooks import apply_group_offloading
+
+from pipequant import PipelineQuantizationConfig, load_pipeline
+
+CPU = torch.device("cpu")
+
+
+def offload(pipe, mode: str, device: torch.device, use_stream: bool = False) -> None:
+    if mode == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif mode == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        kwargs = {"num_blocks_per_group": 1} if mode == "block_level" else {}
+        apply_group_offloading(
+            pipe.transformer, onload_device=device, offload_type=mode, use_stream=use_stream, **kwargs
+        )
+
+
+@pytest.mark.slow
+def test_offloaded_quantized_pipeline_gives_the_same_image(flux_path, generate, each_backend):
+    config = PipelineQuantizationConfig(quant_mapping={"transformer": each_backend})
+    expected = generate(load_pipeline(flux_path, quantization_config=config, torch_dtype=torch.bfloat16))
+    for mode in ("model", "block_level", "leaf_level"):
+        pipe = load_pipeline(flux_path, quantization_config=config, torch_dtype=torch.bfloat16)
+        offload(pipe, mode, CPU)
+        assert np.array_equal(generate(pipe), expected), mode
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    ("mode", "use_stream"),
+    [("model", False), ("sequential", False), ("block_level", False), ("block_level", True), ("leaf_level", False),
+     ("leaf_level", True)],
+)
+def test_offloaded_quantized_pipeline_on_cuda_matches_the_pipeline_on_cuda(flux_path, each_backend, mode, use_stream):
+    config = PipelineQuantizationConfig(quant_mapping={"transformer": each_backend})
+
+    def image(pipe):
+        return pipe("photo of a cute dog", num_inference_steps=2, height=64, width=64, output_type="np",
+                    generator=torch.Generator("cuda").manual_seed(0)).images[0]
+
+    expected = image(load_pipeline(flux_path, quantization_config=config, torch_dtype=torch.bfloat16, device="cuda"))
+    pipe = load_pipeline(flux_path, quantization_config=config, torch_dtype=torch.bfloat16)
+    if mode != "model" and mode != "sequential":
+        pipe.to("cuda")  # group offloading covers the transformer; the other components sit on the GPU
+        pipe.transformer.to("cpu")
+    offload(pipe, mode, torch.device("cuda"), use_stream)
+    # the same kernels on the same device: equal up to the order of a few reductions
+    np.testing.assert_allclose(image(pipe), expected, atol=2e-2)
