@@ -1,7 +1,9 @@
 """The safetensors weights of one component folder: which files, which keys, one tensor at a time.
 
-Tensors are read one by one through safetensors' memory map, so the loader never holds more than
-the layer it is working on in full precision. Pickle checkpoints are refused: unpickling runs
+safetensors reads the headers (and checks them); tensors are read one at a time into memory of
+their own (`page_cache.read_into`: no file page stays mapped, read-ahead keeps the disk busy while
+the previous layer is quantized), so the loader never holds more than the layer it is working on
+in full precision. Pickle checkpoints are refused: unpickling runs
 arbitrary code, and we never need it because every format we load exists as safetensors.
 
 Files are untrusted: a component reads only files inside its own folder. The shard names of an
@@ -14,12 +16,16 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
+
+from .page_cache import FileRange, OpenFiles, ReadAhead, read_into
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # diffusers' and transformers' single-file names; other *.safetensors beside them are variants (fp16, ...)
@@ -29,7 +35,9 @@ _STANDARD_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F8_E8M0": torch.float8_e8m0fnu,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 
@@ -64,6 +72,10 @@ class Checkpoint(Protocol):
 
     def read(self, key: str, device: torch.device | str = "cpu") -> torch.Tensor: ...
 
+    def read_ahead(self, keys: Sequence[str]) -> ReadAhead:
+        """Read-ahead for reading `keys` in this order (`ReadAhead.reached(i)` before reading keys[i])."""
+        ...
+
 
 class ComponentCheckpoint:
     """The safetensors files of one component (single file, or sharded with an index)."""
@@ -78,6 +90,10 @@ class ComponentCheckpoint:
         self._weight_map = None if self._index_path is None else read_index(self._index_path)
         self.files = _find_weight_files(self.folder, self._index_path, self._weight_map, variant)
         self._handles = {path: _open(path) for path in self.files}
+        self._ranges: dict[str, FileRange] = {}
+        for path in self.files:
+            self._ranges.update(_data_ranges(path))
+        self._open_files = OpenFiles()
         self._metadata: dict[str, str] = {}
         for handle in self._handles.values():
             self._metadata.update(handle.metadata() or {})
@@ -120,18 +136,26 @@ class ComponentCheckpoint:
                 elements[dtype] += math.prod(self.shape(key))
         return elements.most_common(1)[0][0] if elements else None
 
+    def read_ahead(self, keys: Sequence[str]) -> ReadAhead:
+        return ReadAhead(self._open_files, [self._ranges[key] for key in keys])
+
     def read(self, key: str, device: torch.device | str = "cpu") -> torch.Tensor:
-        path = self._file_of[key]
-        try:
-            if torch.device(device).type == "cpu":
-                return self._handles[path].get_tensor(key)
-            with safe_open(path, framework="pt", device=str(device)) as handle:
-                return handle.get_tensor(key)
-        except SafetensorError as error:
+        """The tensor in memory of its own (never a view of the file), moved to `device`."""
+        stored = self.dtype(key)
+        if stored not in SAFETENSORS_DTYPES:
             raise CheckpointError(
-                f"{path}: cannot read tensor {key!r} ({error}). The file is truncated or corrupt; "
+                f"{self._file_of[key]}: tensor {key!r} is stored as {stored}, a type pipequant does not load "
+                f"(it reads {', '.join(SAFETENSORS_DTYPES)})."
+            )
+        tensor = torch.empty(self.shape(key), dtype=SAFETENSORS_DTYPES[stored])
+        try:
+            read_into(tensor, self._open_files, self._ranges[key])
+        except (EOFError, OSError) as error:
+            raise CheckpointError(
+                f"{self._file_of[key]}: cannot read tensor {key!r} ({error}). The file is truncated or corrupt; "
                 "replace it with a complete copy."
             ) from error
+        return tensor if torch.device(device).type == "cpu" else tensor.to(device)
 
     def read_rows(self, key: str, rows: list[int]) -> torch.Tensor:
         """Only `rows` (indices along the first dim) of a tensor, on the CPU: the rest is never read.
@@ -264,6 +288,23 @@ def _weight_files(
             "library that made them (e.g. model.save_pretrained(path, safe_serialization=True))."
         )
     raise CheckpointError(f"{folder} holds no weights (*.safetensors).")
+
+
+def _data_ranges(path: Path) -> dict[str, FileRange]:
+    """Each tensor's bytes in a safetensors file, from its header (which safe_open has already checked).
+
+    The format: an 8-byte little-endian header length, the JSON header, then the data, with each
+    tensor's `data_offsets` counted from the data's start. safetensors exposes no offsets, hence this.
+    """
+    with open(path, "rb") as file:
+        (length,) = struct.unpack("<Q", file.read(8))
+        header = json.loads(file.read(length))
+    start = 8 + length
+    return {
+        key: FileRange(path, start + entry["data_offsets"][0], entry["data_offsets"][1] - entry["data_offsets"][0])
+        for key, entry in header.items()
+        if key != "__metadata__"
+    }
 
 
 def _open(path: Path):

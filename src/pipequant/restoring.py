@@ -99,11 +99,9 @@ def restore_layer(
         for key, value in checkpoint.metadata().items()
         if key.startswith(metadata_prefix)
     }
-    # safetensors' CPU tensors are views into the file's memory map, at offsets that quantized kernels
-    # may not accept (quanto's int8 CPU matmul crashes on them): each layer gets memory of its own
+    # each read is memory of its own (never a view into a file's map, whose offsets quantized kernels
+    # may not accept: quanto's int8 CPU matmul crashed on them)
     tensors = {relative: checkpoint.read(key, device) for relative, key in stored.items()}
-    if device.type == "cpu":
-        tensors = {relative: tensor.clone() for relative, tensor in tensors.items()}
     state = LayerState(tensors, metadata)
     try:
         layer = backend.restore(module, state, config, device)

@@ -90,42 +90,47 @@ def stream_model(
     key_map = match_keys(model, checkpoint, skip=stored)
 
     owners = [(name, module) for name, module in model.named_modules() if _own_state_names(module)]
-    full_nbytes = 0
-    parameter_count = 0
-    for done, (name, module) in enumerate(owners, start=1):
-        if name in stored:
-            assert backend is not None and config is not None
-            for tensor in module.parameters(recurse=False):
-                full_nbytes += tensor.numel() * (dtype or tensor.dtype).itemsize
-                parameter_count += tensor.numel()
-            layer = restore_layer(
-                module, name, stored[name], checkpoint, backend=backend, config=config, dtype=dtype, device=device
-            )
-            replace_module(model, name, layer, config)
+    reads = [_layer_reads(name, module, key_map, stored) for name, module in owners]
+    with checkpoint.read_ahead([key for keys in reads for key in keys]) as ahead:
+        first_read = 0
+        full_nbytes = 0
+        parameter_count = 0
+        for done, (name, module) in enumerate(owners, start=1):
+            ahead.reached(first_read)
+            first_read += len(reads[done - 1])
+            if name in stored:
+                assert backend is not None and config is not None
+                for tensor in module.parameters(recurse=False):
+                    full_nbytes += tensor.numel() * (dtype or tensor.dtype).itemsize
+                    parameter_count += tensor.numel()
+                layer = restore_layer(
+                    module, name, stored[name], checkpoint, backend=backend, config=config, dtype=dtype, device=device
+                )
+                replace_module(model, name, layer, config)
+                if on_layer is not None:
+                    on_layer(done, len(owners))
+                continue
+            layer_dtype = torch.float32 if matches_module_pattern(name, keep_fp32) else dtype
+            for tensor_name, is_param in _own_state_names(module).items():
+                full_key = f"{name}.{tensor_name}" if name else tensor_name
+                if full_key not in key_map:
+                    continue  # a tied parameter, filled by tie_weights below
+                tensor = _cast(checkpoint.read(key_map[full_key], device), layer_dtype)
+                if is_param:
+                    module._parameters[tensor_name] = nn.Parameter(tensor, requires_grad=False)
+                    parameter_count += tensor.numel()
+                else:
+                    module._buffers[tensor_name] = tensor
+                full_nbytes += tensor.numel() * tensor.element_size()
+            if name in targets:
+                assert backend is not None and config is not None
+                layer = backend.quantize(name, module, config, device)
+                replace_module(model, name, layer, config)
+                if layer is not module:  # `owners` still holds the old layer: drop its full-precision tensors now
+                    module._parameters.clear()
+                _return_freed_memory()
             if on_layer is not None:
                 on_layer(done, len(owners))
-            continue
-        layer_dtype = torch.float32 if matches_module_pattern(name, keep_fp32) else dtype
-        for tensor_name, is_param in _own_state_names(module).items():
-            full_key = f"{name}.{tensor_name}" if name else tensor_name
-            if full_key not in key_map:
-                continue  # a tied parameter, filled by tie_weights below
-            tensor = _cast(checkpoint.read(key_map[full_key], device), layer_dtype)
-            if is_param:
-                module._parameters[tensor_name] = nn.Parameter(tensor, requires_grad=False)
-                parameter_count += tensor.numel()
-            else:
-                module._buffers[tensor_name] = tensor
-            full_nbytes += tensor.numel() * tensor.element_size()
-        if name in targets:
-            assert backend is not None and config is not None
-            layer = backend.quantize(name, module, config, device)
-            replace_module(model, name, layer, config)
-            if layer is not module:  # `owners` still holds the old layer: drop its full-precision tensors now
-                module._parameters.clear()
-            _return_freed_memory()
-        if on_layer is not None:
-            on_layer(done, len(owners))
 
     _finish_buffers(model, dtype, keep_fp32, device)
     if dtype is not None and hasattr(getattr(model, "config", None), "dtype"):
@@ -138,6 +143,14 @@ def stream_model(
         record = QuantizationRecord(config, backend.name, len(targets), full_nbytes, parameter_count)
         record_quantization(model, record, dtype=dtype, pre_quantized=saved)
     return model
+
+
+def _layer_reads(name: str, module: nn.Module, key_map: dict[str, str], stored: dict[str, dict[str, str]]) -> list[str]:
+    """The checkpoint keys the loop below reads for one layer, in its order (for read-ahead)."""
+    if name in stored:
+        return list(stored[name].values())
+    full_keys = (f"{name}.{tensor_name}" if name else tensor_name for tensor_name in _own_state_names(module))
+    return [key_map[key] for key in full_keys if key in key_map]
 
 
 def _return_freed_memory() -> None:

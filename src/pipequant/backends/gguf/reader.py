@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ import torch
 from gguf.constants import GGUFValueType
 
 from ...checkpoint import CheckpointError
+from ...page_cache import OpenFiles, ReadAhead
 from .config import GGUF_TYPES
 from .flux_names import flux_tensors_from_bfl, is_bfl_flux, strip_bfl_prefix
 from .header import GGUFHeader, TensorInfo, read_header
@@ -230,6 +232,10 @@ class GGUFCheckpoint:
         if layer in self.gguf_layers and key.endswith(".weight"):
             return self.gguf_layers[layer].raw().to(device)
         return self._tensors[key].tensor().to(device)
+
+    def read_ahead(self, keys: Sequence[str]) -> ReadAhead:
+        """None yet for .gguf files (a piece may be some rows of a file tensor, read through gguf-py's map)."""
+        return ReadAhead(OpenFiles(), [])
 
     def _piece(self, key: str) -> TensorPiece:
         layer = key.removesuffix(".weight")
