@@ -8,8 +8,6 @@ shard in memory), then loads it in fresh processes with the page cache dropped b
 - a plain sequential read of the same files: the floor any load of them pays;
 - pipequant in every CPU mode (bnb nf4, bnb int8, torchao int8wo, quanto int8, GGUF Q8_0, Q4_K);
 - diffusers where it runs on CPU (torchao int8wo, quanto int8);
-- pipequant exporting the transformer to a Q4_K .gguf (`pipequant quantize`), against the read,
-  the quantization and the write of the same bytes.
 
 Prints load time, time / read floor, time / diffusers, anonymous peak and RSS high-water mark
 against (quantized bytes + largest layer), and writes bench/results/big.md.
@@ -17,7 +15,7 @@ against (quantized bytes + largest layer), and writes bench/results/big.md.
     python bench/big.py /data/flux-12b                      # every case, medians of --runs runs
     python bench/big.py /data/flux-12b --cases read pipequant-nf4 --runs 1
 
-About 25 GB of disk for the checkpoint (and 7 GB more for the Q4_K export): checked before writing.
+About 25 GB of disk for the checkpoint: checked before writing.
 """
 
 from __future__ import annotations
@@ -134,11 +132,176 @@ def _numel(shape: tuple[int, ...]) -> int:
     return count
 
 
+# --------------------------------------------------------------------------------------------
+# The cases, each run in a fresh process
+
+
+def _ours(class_name: str, *args, **kwargs):
+    return lambda: getattr(__import__("pipequant"), class_name)(*args, **kwargs)
+
+
+def _diffusers_torchao_int8wo():
+    from diffusers import TorchAoConfig
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    return TorchAoConfig(Int8WeightOnlyConfig())
+
+
+def _diffusers_quanto_int8():
+    from diffusers import QuantoConfig
+
+    return QuantoConfig(weights_dtype="int8")
+
+
+# name -> (library, mode, config factory); "read" is the floor, "export-q4_k" writes a .gguf
+CASES = {
+    "read": ("plain read", "sequential read of every shard", None),
+    "pipequant-nf4": ("pipequant", "bnb nf4", _ours("BitsAndBytesConfig", load_in_4bit=True, bnb_4bit_quant_type="nf4")),
+    "pipequant-int8": ("pipequant", "bnb int8", _ours("BitsAndBytesConfig", load_in_8bit=True)),
+    "pipequant-torchao-int8wo": ("pipequant", "torchao int8wo", _ours("TorchAoConfig", "int8wo")),
+    "diffusers-torchao-int8wo": ("diffusers", "torchao int8wo", _diffusers_torchao_int8wo),
+    "pipequant-quanto-int8": ("pipequant", "quanto int8", _ours("QuantoConfig", weights_dtype="int8")),
+    "diffusers-quanto-int8": ("diffusers", "quanto int8", _diffusers_quanto_int8),
+    "pipequant-gguf-q8_0": ("pipequant", "gguf Q8_0", _ours("GGUFQuantizationConfig", quant_type="Q8_0")),
+    "pipequant-gguf-q4_k": ("pipequant", "gguf Q4_K", _ours("GGUFQuantizationConfig", quant_type="Q4_K")),
+}
+
+
+def drop_page_cache() -> bool:
+    """Drop clean cached pages, so each run reads from the disk; False where not permitted (not root)."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as control:
+            control.write("1\n")
+        return True
+    except OSError:
+        return False
+
+
+def plain_read(folder: Path) -> int:
+    """Read every shard front to back in 16 MiB pieces into one reused buffer: what the disk allows."""
+    buffer = bytearray(16 * 2**20)
+    total = 0
+    for path in sorted(folder.glob("*.safetensors")):
+        with open(path, "rb", buffering=0) as file:
+            while count := file.readinto(buffer):
+                total += count
+    return total
+
+
+def run_case(name: str, folder: Path) -> dict:
+    """In the child process: imports first, then only the load is measured."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    import pipequant
+    from pipequant.report import component_memory
+
+    library, _, make_config = CASES[name]
+    config = make_config() if make_config is not None else None
+    if library == "pipequant":
+        backend = pipequant.backends.backend_for(config)
+        backend.require()
+        __import__(backend.module_name)
+    baseline = anonymous_bytes()
+    started = time.perf_counter()
+    with PeakSampler() as sampler:
+        if library == "plain read":
+            plain_read(folder)
+            model = None
+        elif library == "diffusers":
+            model = FluxTransformer2DModel.from_pretrained(folder, dtype=torch.bfloat16, quantization_config=config)
+        else:
+            model = pipequant.load_model(FluxTransformer2DModel, folder, config, torch_dtype=torch.bfloat16)
+    seconds = time.perf_counter() - started
+    return {
+        "seconds": seconds,
+        "peak_above_baseline": sampler.peak - baseline,
+        "rss_hwm": rss_high_water_mark(),
+        "model_bytes": 0 if model is None else component_memory("transformer", model).bytes_after,
+    }
+
+
+def largest_layer_nbytes() -> int:
+    """bf16 bytes of the largest module that owns weights (what one streamed layer costs in full precision)."""
+    model = _empty_model()
+    return max(
+        sum(t.numel() * 2 for t in module.parameters(recurse=False)) for module in model.modules()
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", type=Path, help="where the checkpoint is (or is written)")
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    parser.add_argument("--runs", type=int, default=3, help="runs per case; the table shows medians")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run_case(args.child, args.folder)))
+        return
     write_checkpoint(args.folder)
+    cold = drop_page_cache()
+    if not cold:
+        print("cannot drop the page cache (needs root): runs read from a warm cache", file=sys.stderr)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error"}
+    runs: dict[str, list[dict]] = {name: [] for name in args.cases}
+    for _ in range(args.runs):
+        for name in args.cases:  # the cases take turns, so a burst of other work hits each alike
+            drop_page_cache()
+            out = subprocess.run(
+                [sys.executable, __file__, args.folder, "--child", name], capture_output=True, text=True, env=env,
+                check=False,
+            )
+            if out.returncode != 0:
+                print(f"{name} failed:\n{out.stderr[-3000:]}", file=sys.stderr)
+                continue
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+            runs[name].append(result)
+            print(f"{name}: {result['seconds']:.1f} s, anon +{result['peak_above_baseline'] / 1e9:.2f} GB, "
+                  f"RSS high-water {result['rss_hwm'] / 1e9:.2f} GB", file=sys.stderr)
+    rows = {
+        name: {key: statistics.median(r[key] for r in results) for key in results[0]} | {"n": len(results)}
+        for name, results in runs.items() if results
+    }
+    print_and_write(rows, largest_layer_nbytes(), cold)
+
+
+def print_and_write(rows: dict[str, dict], largest: int, cold: bool) -> None:
+    header = [
+        "case", "mode", "runs", "load s (median)", "/ read floor", "/ diffusers", "model GB", "anon peak GB",
+        "anon / (model + largest)", "RSS high-water GB", "RSS / (model + largest)",
+    ]
+    floor = rows.get("read", {}).get("seconds")
+    lines = []
+    for name, r in rows.items():
+        library, mode, _ = CASES[name]
+        theirs = rows.get(name.replace("pipequant-", "diffusers-")) if name.startswith("pipequant-") else None
+        bound = r["model_bytes"] + largest
+        quantized = r["model_bytes"] > 0
+        lines.append([
+            name, mode, str(r["n"]), f"{r['seconds']:.1f}",
+            f"{r['seconds'] / floor:.2f}" if floor and name != "read" else "-",
+            f"{r['seconds'] / theirs['seconds']:.2f}" if theirs else "-",
+            f"{r['model_bytes'] / 1e9:.2f}" if quantized else "-",
+            f"{r['peak_above_baseline'] / 1e9:.2f}",
+            f"{r['peak_above_baseline'] / bound:.2f}" if quantized else "-",
+            f"{r['rss_hwm'] / 1e9:.2f}",
+            f"{r['rss_hwm'] / bound:.2f}" if quantized else "-",
+        ])
+    import platform
+
+    import torch
+
+    intro = (
+        f"`python bench/big.py FOLDER` on {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}: "
+        f"a FLUX.1-dev-architecture transformer (11.9 B parameters, random bf16 weights, 11 shards), largest layer "
+        f"{largest / 1e6:.0f} MB in bf16. Each run in a fresh process, "
+        + ("the page cache dropped before each." if cold else "the page cache NOT dropped (not root).")
+        + " Anon peak = anonymous memory (RSS less file-backed pages) sampled every 2 ms above the process after "
+        "imports; RSS high-water = VmHWM, imports included. Medians of the runs."
+    )
+    publish(RESULTS, "12 B load benchmark", intro, "Loading FLUX.1-dev's transformer from disk, CPU", header, lines)
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ def test_a_loader_class_cannot_reach_a_pickle(flux_path, tmp_path):
         (b'{"_class_name": 3}', '"_class_name"'),
         (b'{"_class_name": "\xff"}', "not valid JSON .*UnicodeDecodeError"),
         (b"[" * 100_000, "not valid JSON"),
-        (b'{"_class_name": "ModelMixin"}', "'ModelMixin' as its pipeline class, which is not a pipeline"),
+        (b'{"_class_name": "ModelMixin"}', "names pipeline class 'ModelMixin', which is not a pipeline class"),
         (b'{"_class_name": "__class__"}', "not a pipeline"),
     ],
 )
