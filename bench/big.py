@@ -156,7 +156,9 @@ def _diffusers_quanto_int8():
 # name -> (library, mode, config factory); "read" is the floor, "export-q4_k" writes a .gguf
 CASES = {
     "read": ("plain read", "sequential read of every shard", None),
-    "pipequant-nf4": ("pipequant", "bnb nf4", _ours("BitsAndBytesConfig", load_in_4bit=True, bnb_4bit_quant_type="nf4")),
+    "pipequant-nf4": (
+        "pipequant", "bnb nf4", _ours("BitsAndBytesConfig", load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    ),
     "pipequant-int8": ("pipequant", "bnb int8", _ours("BitsAndBytesConfig", load_in_8bit=True)),
     "pipequant-torchao-int8wo": ("pipequant", "torchao int8wo", _ours("TorchAoConfig", "int8wo")),
     "diffusers-torchao-int8wo": ("diffusers", "torchao int8wo", _diffusers_torchao_int8wo),

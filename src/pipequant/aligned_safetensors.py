@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import SAFETENSORS_DTYPES
+from .checkpoint import SAFETENSORS_DTYPES, header_bytes
 
 ALIGNMENT = 64
 PADDING_KEY = "pipequant.alignment_padding"
@@ -48,8 +48,7 @@ def save_aligned(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapp
 def _sort_metadata(path: Path) -> None:
     """Rewrite the header with its metadata in sorted order, in place: the same bytes for the same content."""
     with open(path, "r+b") as file:
-        header_size = int.from_bytes(file.read(8), "little")
-        raw = file.read(header_size)
+        raw = header_bytes(file)
         header = json.loads(raw)
         header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
         header = {"__metadata__": header.pop("__metadata__"), **header}
@@ -57,7 +56,7 @@ def _sort_metadata(path: Path) -> None:
         if len(sorted_raw) != len(raw.rstrip(b" ")):
             return  # serialized differently from safetensors (escaping): leave its header as it wrote it
         file.seek(8)
-        file.write(sorted_raw.ljust(header_size, b" "))
+        file.write(sorted_raw.ljust(len(raw), b" "))
 
 
 def _padding(length: int, first_byte_tensor: int | None) -> str:
@@ -93,8 +92,7 @@ def _predicted_layout(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str
 def _written_layout(path: Path) -> tuple[int, int | None]:
     """(header length without the padding entry and spaces, offset of the first one-byte tensor) as written."""
     with open(path, "rb") as file:
-        header_size = int.from_bytes(file.read(8), "little")
-        raw = file.read(header_size)
+        raw = header_bytes(file)
     header = json.loads(raw)
     padding = header.get("__metadata__", {}).get(PADDING_KEY, "")
     length = len(raw.rstrip(b" ")) - _ENTRY_OVERHEAD - len(padding.encode())

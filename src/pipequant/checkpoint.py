@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -290,16 +289,23 @@ def _weight_files(
     raise CheckpointError(f"{folder} holds no weights (*.safetensors).")
 
 
-def _data_ranges(path: Path) -> dict[str, FileRange]:
-    """Each tensor's bytes in a safetensors file, from its header (which safe_open has already checked).
+def header_bytes(file: BinaryIO) -> bytes:
+    """The JSON header of the open safetensors `file`, read from its start (its data begins 8 + len bytes in).
 
     The format: an 8-byte little-endian header length, the JSON header, then the data, with each
-    tensor's `data_offsets` counted from the data's start. safetensors exposes no offsets, hence this.
+    tensor's `data_offsets` counted from the data's start. safetensors' API exposes neither, hence this.
     """
+    file.seek(0)
+    length = int.from_bytes(file.read(8), "little")
+    return file.read(length)
+
+
+def _data_ranges(path: Path) -> dict[str, FileRange]:
+    """Each tensor's bytes in a safetensors file, from its header (which safe_open has already checked)."""
     with open(path, "rb") as file:
-        (length,) = struct.unpack("<Q", file.read(8))
-        header = json.loads(file.read(length))
-    start = 8 + length
+        raw = header_bytes(file)
+    header = json.loads(raw)
+    start = 8 + len(raw)
     return {
         key: FileRange(path, start + entry["data_offsets"][0], entry["data_offsets"][1] - entry["data_offsets"][0])
         for key, entry in header.items()

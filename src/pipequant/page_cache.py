@@ -75,7 +75,8 @@ def read_into(tensor: torch.Tensor, files: OpenFiles, source: FileRange) -> torc
     was read); the caller names the file.
     """
     if source.nbytes != tensor.numel() * tensor.element_size():
-        raise ValueError(f"{source} holds {source.nbytes} bytes, not the {tuple(tensor.shape)} {tensor.dtype} asked for")
+        wanted = f"{tuple(tensor.shape)} {tensor.dtype}"
+        raise ValueError(f"{source} holds {source.nbytes} bytes, not the {wanted} asked for")
     if source.nbytes == 0:
         return tensor
     descriptor = files.descriptor(source.path)

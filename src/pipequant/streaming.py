@@ -9,6 +9,7 @@ materialize the whole full-precision state first (or need a GPU for bitsandbytes
 from __future__ import annotations
 
 import ctypes
+import itertools
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -91,13 +92,12 @@ def stream_model(
 
     owners = [(name, module) for name, module in model.named_modules() if _own_state_names(module)]
     reads = [_layer_reads(name, module, key_map, stored) for name, module in owners]
-    with checkpoint.read_ahead([key for keys in reads for key in keys]) as ahead:
-        first_read = 0
+    first_reads = list(itertools.accumulate((len(keys) for keys in reads), initial=0))
+    with checkpoint.read_ahead([key for keys in reads for key in keys.values()]) as ahead:
         full_nbytes = 0
         parameter_count = 0
-        for done, (name, module) in enumerate(owners, start=1):
+        for done, ((name, module), layer_reads, first_read) in enumerate(zip(owners, reads, first_reads), start=1):
             ahead.reached(first_read)
-            first_read += len(reads[done - 1])
             if name in stored:
                 assert backend is not None and config is not None
                 for tensor in module.parameters(recurse=False):
@@ -111,12 +111,10 @@ def stream_model(
                     on_layer(done, len(owners))
                 continue
             layer_dtype = torch.float32 if matches_module_pattern(name, keep_fp32) else dtype
-            for tensor_name, is_param in _own_state_names(module).items():
-                full_key = f"{name}.{tensor_name}" if name else tensor_name
-                if full_key not in key_map:
-                    continue  # a tied parameter, filled by tie_weights below
-                tensor = _cast(checkpoint.read(key_map[full_key], device), layer_dtype)
-                if is_param:
+            is_param = _own_state_names(module)
+            for tensor_name, key in layer_reads.items():
+                tensor = _cast(checkpoint.read(key, device), layer_dtype)
+                if is_param[tensor_name]:
                     module._parameters[tensor_name] = nn.Parameter(tensor, requires_grad=False)
                     parameter_count += tensor.numel()
                 else:
@@ -145,12 +143,19 @@ def stream_model(
     return model
 
 
-def _layer_reads(name: str, module: nn.Module, key_map: dict[str, str], stored: dict[str, dict[str, str]]) -> list[str]:
-    """The checkpoint keys the loop below reads for one layer, in its order (for read-ahead)."""
+def _layer_reads(
+    name: str, module: nn.Module, key_map: dict[str, str], stored: dict[str, dict[str, str]]
+) -> dict[str, str]:
+    """What `stream_model` reads for one layer, in order: its tensor name -> the checkpoint key.
+
+    A stored quantized layer's own stored tensors; otherwise the layer's own parameters and persistent
+    buffers, less tied ones (absent from `key_map`, filled by `tie_weights`).
+    """
     if name in stored:
-        return list(stored[name].values())
-    full_keys = (f"{name}.{tensor_name}" if name else tensor_name for tensor_name in _own_state_names(module))
-    return [key_map[key] for key in full_keys if key in key_map]
+        return stored[name]
+    prefix = f"{name}." if name else ""
+    full_names = {tensor_name: prefix + tensor_name for tensor_name in _own_state_names(module)}
+    return {tensor_name: key_map[full] for tensor_name, full in full_names.items() if full in key_map}
 
 
 def _return_freed_memory() -> None:
