@@ -74,7 +74,7 @@ MODES: dict[str, tuple[str, str, Callable[[], object] | None]] = {
 
 
 def checkpoint_folder() -> Path:
-    from pipequant.fixtures import make_tiny_pipeline, tiny_pipeline_cache_dir
+    from pipequant.testing.fixtures import make_tiny_pipeline, tiny_pipeline_cache_dir
 
     return make_tiny_pipeline(tiny_pipeline_cache_dir() / "flux-bench", "flux", size="bench") / "transformer"
 

@@ -77,7 +77,7 @@ CASES = {
 
 
 def checkpoint_folder() -> Path:
-    from pipequant.fixtures import make_tiny_pipeline, tiny_pipeline_cache_dir
+    from pipequant.testing.fixtures import make_tiny_pipeline, tiny_pipeline_cache_dir
 
     return make_tiny_pipeline(tiny_pipeline_cache_dir() / "flux-bench", "flux", size="bench") / "transformer"
 
@@ -95,7 +95,7 @@ def largest_layer_nbytes(folder: Path) -> int:
 
 
 def saved_folder(name: str) -> Path:
-    from pipequant.fixtures import tiny_pipeline_cache_dir
+    from pipequant.testing.fixtures import tiny_pipeline_cache_dir
 
     return tiny_pipeline_cache_dir() / "flux-bench-saved" / name.removeprefix("pipequant-reload-")
 

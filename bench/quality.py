@@ -44,8 +44,8 @@ def run(modes: list[str]) -> list[dict]:
     from transformers import BertModel
 
     from pipequant import load_model
-    from pipequant.fixtures import tiny_pipeline_cache_dir
-    from pipequant.minilm import SENTENCES, minilm_folder, sentence_embeddings
+    from pipequant.testing.fixtures import tiny_pipeline_cache_dir
+    from pipequant.testing.minilm import SENTENCES, minilm_folder, sentence_embeddings
     from pipequant.presets import preset
     from pipequant.report import component_memory
 
@@ -70,7 +70,7 @@ def _row(mode, backend, model, reference, embeddings, reference_embeddings, seco
     from pipequant.backends import get_backend
     from pipequant.quantizing import RECORD_ATTRIBUTE
     from pipequant.report import component_memory
-    from pipequant.sensitivity import reconstruction_error
+    from pipequant.planning.sensitivity import reconstruction_error
 
     cosine = torch.nn.functional.cosine_similarity(embeddings, reference_embeddings)
     record = getattr(model, RECORD_ATTRIBUTE, None)
@@ -122,7 +122,7 @@ def header() -> str:
     import optimum.quanto
     import torchao
 
-    from pipequant.minilm import SENTENCES
+    from pipequant.testing.minilm import SENTENCES
 
     versions = (
         f"torch {torch.__version__}, bitsandbytes {bitsandbytes.__version__}, torchao {torchao.__version__}, "

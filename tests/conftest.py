@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipequant import BitsAndBytesConfig, GGUFQuantizationConfig, QuantoConfig, TorchAoConfig
-from pipequant.fixtures import make_tiny_pipeline
+from pipequant.testing.fixtures import make_tiny_pipeline
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from pipequant import CheckpointError, PipelineQuantizationConfig, estimate, load_model, load_pipeline
 from pipequant.checkpoint import ComponentCheckpoint, read_index
-from pipequant.fixtures import make_tiny_pipeline
+from pipequant.testing.fixtures import make_tiny_pipeline
 
 FUZZ_EXAMPLES = int(os.environ.get("PIPEQUANT_FUZZ_EXAMPLES", "300"))
 INDEX = "diffusion_pytorch_model.safetensors.index.json"

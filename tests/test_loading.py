@@ -20,7 +20,7 @@ from pipequant import (
     load_pipeline,
     quantize_pipeline,
 )
-from pipequant.fixtures import make_tiny_pipeline
+from pipequant.testing.fixtures import make_tiny_pipeline
 from pipequant.report import memory_report
 
 NF4 = PipelineQuantizationConfig(

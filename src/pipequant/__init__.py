@@ -15,13 +15,13 @@ from .checkpoint import CheckpointError
 from .component_classes import allow_library
 from .config import PipelineQuantizationConfig
 from .devices import DeviceError
-from .gguf_saving import save_gguf
+from .formats.gguf.saving import save_gguf
 from .loading import PipelineFolderError, load_model, load_pipeline, quantize_pipeline
 from .planning import BudgetError, plan
 from .quality import compare
 from .quantizing import quantize_model
 from .saving import save_model, save_pipeline
-from .sizing import estimate
+from .planning.sizing import estimate
 
 __all__ = [
     "BitsAndBytesConfig",

@@ -23,7 +23,8 @@ from .checkpoint import CheckpointError
 from .devices import DeviceError
 from .loading import PipelineFolderError
 from .planning import BudgetError
-from .report import format_bytes, memory_report, memory_table
+from .report import memory_report, memory_table
+from .ui import format_bytes
 
 #: errors whose message says what is wrong and how to fix it: shown as one line, without a traceback
 USER_ERRORS = (
@@ -115,7 +116,7 @@ def inspect(
     console.print(table)
     if config is not None or load_dtype is not None:
         from .config_spec import parse_config
-        from .sizing import estimate
+        from .planning.sizing import estimate
 
         quantization = parse_config(config) if config is not None else None
         title = f"Estimate: {config or 'no quantization'}, {load_dtype or 'stored dtypes'}"
@@ -133,7 +134,7 @@ def demo(
     import torch
 
     from . import PipelineQuantizationConfig, load_pipeline
-    from .fixtures import make_tiny_pipeline, tiny_pipeline_cache_dir
+    from .testing.fixtures import make_tiny_pipeline, tiny_pipeline_cache_dir
 
     folder = make_tiny_pipeline(tiny_pipeline_cache_dir() / f"flux-{size}", "flux", size=size)
     console.print(f"Pipeline folder: {folder}")
@@ -305,7 +306,7 @@ def _modes_table(folder: Path, torch_dtype) -> Table:
     import torch
 
     from .presets import PRESETS, preset_pipeline_config, usable
-    from .sizing import estimate
+    from .planning.sizing import estimate
 
     modes = {"full precision": None} | {m: preset_pipeline_config(m) for m in PRESETS if usable(m, torch.device("cpu"))}
     estimates = {mode: estimate(folder, config, torch_dtype) for mode, config in modes.items()}

@@ -9,11 +9,9 @@ classes an index may name is `component_classes.py`'s rule.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +25,12 @@ from .checkpoint import CheckpointError, ComponentCheckpoint
 from .component_classes import PipelineFolderError, component_class, pipeline_class
 from .config import PipelineQuantizationConfig, as_pipeline_config
 from .devices import check_device, roomiest_gpu
-from .gguf_loading import is_gguf_file, load_gguf_model
+from .formats.gguf.loading import is_gguf_file, load_gguf_model
 from .load_options import HubOptions, take_load_options, unknown_keywords_error
 from .quantizing import quantize_model
 from .restoring import saved_config
-from .streaming import ProgressCallback, build_empty_model, count_layers, stored_shapes, stream_model
+from .streaming import build_empty_model, count_layers, stored_shapes, stream_model
+from .ui import ProgressCallback, progress_bars
 
 
 @dataclasses.dataclass
@@ -350,27 +349,6 @@ def _assemble(index: PipelineIndex, components: dict[str, Any]):
     pipeline = cls(**components, **settings)
     pipeline.register_to_config(_name_or_path=str(index.folder))
     return pipeline
-
-
-def _ignore_progress(done: int, total: int) -> None:
-    pass
-
-
-@contextlib.contextmanager
-def progress_bars(enabled: bool) -> Iterator[Any]:
-    """Yields add_task(description, total) -> ProgressCallback; rich bars when enabled, silent otherwise."""
-    if not enabled:
-        yield lambda description, total: _ignore_progress
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bars:
-
-        def add_task(description: str, total: int) -> ProgressCallback:
-            task = bars.add_task(description, total=total)
-            return lambda done, _total: bars.update(task, completed=done)
-
-        yield add_task
 
 
 def quantize_pipeline(pipeline, config: PipelineQuantizationConfig | Any, device: torch.device | str | None = None):

@@ -14,6 +14,7 @@ from torch import nn
 from .backends import get_backend
 from .backends.base import tensor_nbytes
 from .quantizing import QuantizationRecord, quantization_record
+from .ui import format_bytes
 
 
 @dataclasses.dataclass
@@ -70,13 +71,6 @@ def memory_report(pipeline) -> list[ComponentMemory]:
         for name, value in pipeline.components.items()
         if isinstance(value, nn.Module)
     ]
-
-
-def format_bytes(nbytes: int) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if nbytes >= size:
-            return f"{nbytes / size:.2f} {unit}"
-    return f"{nbytes} B"
 
 
 def memory_table(rows: list[ComponentMemory], title: str = "Memory per component"):

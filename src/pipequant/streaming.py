@@ -11,54 +11,53 @@ from __future__ import annotations
 import ctypes
 import itertools
 import re
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import init_empty_weights
 from torch import nn
 
 from .backends import backend_for
-from .backends.base import BackendConfig, matches_module_pattern
+from .backends.base import BackendConfig
 from .checkpoint import Checkpoint, CheckpointError
 from .config_bounds import check_config_fits
-from .quantizing import (
-    QuantizationRecord,
-    float32_patterns,
-    quantization_targets,
-    record_quantization,
-    replace_module,
-)
+from .quantizing import QuantizationRecord, record_quantization, replace_module
 from .restoring import restore_layer, saved_layers
+from .tensor_loading import TensorLoading
+from .ui import ProgressCallback
 
-#: called after each layer with the number of layers done and the total
-ProgressCallback = Callable[[int, int], None]
-
-
-def build_empty_model(model_class: type[nn.Module], folder: Path, shapes: list[tuple[int, ...]]) -> nn.Module:
-    """The model with its parameters on the meta device, from the config in `folder`.
+def build_empty_model(
+    model_class: type[nn.Module],
+    config: Path | dict[str, Any],
+    shapes: list[tuple[int, ...]],
+    source: str = "the model config",
+) -> nn.Module:
+    """The model with its parameters on the meta device, from `config`: a folder with a config.json, or the
+    config itself as a dict (as a .gguf file carries it; `source` names where it came from in errors).
 
     The config is first checked against the stored tensors' `shapes` (`config_bounds`), so a config that
     cannot fit the weights fails before the build costs anything. Buffers are real (created on the
     CPU), as accelerate's `init_empty_weights` leaves them, so non-persistent buffers (position ids,
     rotary tables) that no checkpoint holds are ready.
     """
-    source = Path(folder) / "config.json"
+    if isinstance(config, Path):
+        source = str(config / "config.json")
     if hasattr(model_class, "load_config") and hasattr(model_class, "from_config"):  # a diffusers model
-        config = model_class.load_config(folder)
-        check_config_fits(config, shapes, source)
+        settings = model_class.load_config(config) if isinstance(config, Path) else config
+        check_config_fits(settings, shapes, source)
         with init_empty_weights():
-            return model_class.from_config(config)
+            return model_class.from_config(settings)
     config_class = getattr(model_class, "config_class", None)
     if config_class is None:
         raise CheckpointError(
             f"{model_class.__name__} is neither a diffusers nor a transformers model; pipequant cannot build it "
             "from a config. Load it yourself and pass it to load_pipeline as a component."
         )
-    config = config_class.from_pretrained(folder)
-    check_config_fits(config.to_dict(), shapes, source)
+    built = config_class.from_pretrained(config) if isinstance(config, Path) else config_class.from_dict(config)
+    check_config_fits(built.to_dict(), shapes, source)
     with init_empty_weights():
-        return model_class(config)
+        return model_class(built)
 
 
 def stored_shapes(checkpoint: Checkpoint) -> list[tuple[int, ...]]:
@@ -83,11 +82,7 @@ def stream_model(
     """
     backend = backend_for(config) if config is not None else None
     stored = saved_layers(model, checkpoint, backend) if saved and backend is not None else {}
-    if saved:
-        targets = set(stored)
-    else:
-        targets = quantization_targets(model, backend, config) if backend is not None else set()
-    keep_fp32 = float32_patterns(model, dtype)
+    loading = TensorLoading(model, dtype, stored) if saved else TensorLoading.planned(model, dtype, config)
     key_map = match_keys(model, checkpoint, skip=stored)
 
     owners = [(name, module) for name, module in model.named_modules() if _own_state_names(module)]
@@ -110,17 +105,16 @@ def stream_model(
                 if on_layer is not None:
                     on_layer(done, len(owners))
                 continue
-            layer_dtype = torch.float32 if matches_module_pattern(name, keep_fp32) else dtype
             is_param = _own_state_names(module)
             for tensor_name, key in layer_reads.items():
-                tensor = _cast(checkpoint.read(key, device), layer_dtype)
+                tensor = loading.cast_stored(name, checkpoint.read(key, device))
                 if is_param[tensor_name]:
                     module._parameters[tensor_name] = nn.Parameter(tensor, requires_grad=False)
                     parameter_count += tensor.numel()
                 else:
                     module._buffers[tensor_name] = tensor
                 full_nbytes += tensor.numel() * tensor.element_size()
-            if name in targets:
+            if loading.quantized(name):
                 assert backend is not None and config is not None
                 layer = backend.quantize(name, module, config, device)
                 replace_module(model, name, layer, config)
@@ -130,7 +124,7 @@ def stream_model(
             if on_layer is not None:
                 on_layer(done, len(owners))
 
-    _finish_buffers(model, dtype, keep_fp32, device)
+    _finish_buffers(model, loading, device)
     if dtype is not None and hasattr(getattr(model, "config", None), "dtype"):
         model.config.dtype = dtype  # what transformers' from_pretrained records, and saves
     if hasattr(model, "tie_weights"):
@@ -138,7 +132,7 @@ def stream_model(
     _check_nothing_left_on_meta(model, checkpoint)
     model.eval()
     if backend is not None and config is not None:
-        record = QuantizationRecord(config, backend.name, len(targets), full_nbytes, parameter_count)
+        record = QuantizationRecord(config, backend.name, len(loading.targets), full_nbytes, parameter_count)
         record_quantization(model, record, dtype=dtype, pre_quantized=saved)
     return model
 
@@ -295,13 +289,7 @@ def _sample(keys: list[str]) -> str:
     return shown + (f", ... and {len(keys) - 5} more" if len(keys) > 5 else "")
 
 
-def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    if dtype is None or not tensor.is_floating_point() or tensor.dtype == dtype:
-        return tensor
-    return tensor.to(dtype)
-
-
-def _finish_buffers(model: nn.Module, dtype: torch.dtype | None, keep_fp32: list[str], device: torch.device) -> None:
+def _finish_buffers(model: nn.Module, loading: TensorLoading, device: torch.device) -> None:
     """Non-persistent buffers were made on the CPU at build time: cast and move them like the weights."""
     for name, module in model.named_modules():
         non_persistent = getattr(module, "_non_persistent_buffers_set", set())
@@ -309,8 +297,7 @@ def _finish_buffers(model: nn.Module, dtype: torch.dtype | None, keep_fp32: list
             buffer = module._buffers.get(buffer_name)
             if buffer is None:
                 continue
-            in_fp32 = matches_module_pattern(name, keep_fp32)
-            module._buffers[buffer_name] = _cast(buffer, None if in_fp32 else dtype).to(device)
+            module._buffers[buffer_name] = loading.cast_built(name, buffer).to(device)
 
 
 def _check_nothing_left_on_meta(model: nn.Module, checkpoint: Checkpoint) -> None:

@@ -27,7 +27,7 @@ from pipequant.cli import app
 from pipequant.planning import parse_budget
 from pipequant.presets import PRESETS, preset, usable
 from pipequant.report import component_memory, memory_report
-from pipequant.sizing import estimate_component
+from pipequant.planning.sizing import estimate_component
 
 CPU = torch.device("cpu")
 BF16 = torch.bfloat16

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .report import format_bytes
+from ..ui import format_bytes
 
 
 @dataclasses.dataclass

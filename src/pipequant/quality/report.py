@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from PIL import Image, ImageDraw, ImageFont
 
 if TYPE_CHECKING:
-    from .quality import ComponentError, ImageScore
+    from . import ComponentError, ImageScore
 
 #: tiles narrower than this are scaled up (nearest neighbour) so labels and pixels stay readable
 MIN_TILE_WIDTH = 256

@@ -11,8 +11,8 @@ from accelerate import init_empty_weights
 from diffusers import DiffusionPipeline
 from PIL import Image
 
-from pipequant import fixtures
-from pipequant.fixtures import make_tiny_pipeline, tiny_pipeline_cache_dir
+from pipequant.testing import fixtures
+from pipequant.testing.fixtures import make_tiny_pipeline, tiny_pipeline_cache_dir
 
 PROMPT = "A photo of a red cat sitting on a wooden chair, 4k, highly detailed!"
 

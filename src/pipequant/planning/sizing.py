@@ -1,7 +1,7 @@
 """What each component will hold once loaded, known before a single weight is read.
 
 `estimate` builds each model on the meta device as the streaming loader does, lets
-`quantization_targets` pick the layers to quantize exactly as the loader picks them, sizes each of
+`TensorLoading` pick the layers to quantize exactly as the loader picks them, sizes each of
 those with its backend's `estimate_layer_nbytes`, and every other tensor from its shape and the dtype
 the loader gives it (the safetensors header's dtype, cast to the load dtype, float32 where the model's
 own library keeps it). The rows are `report.ComponentMemory`, the rows `memory_report` gives for the
@@ -17,16 +17,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .backends import backend_for
-from .backends.base import BackendConfig, QuantizationConfigError, matches_module_pattern
-from .checkpoint import SAFETENSORS_DTYPES, ComponentCheckpoint
-from .config import PipelineQuantizationConfig, as_pipeline_config
-from .devices import check_device
-from .loading import read_pipeline_index, resolve_pipeline_folder
-from .quantizing import float32_patterns, quantization_targets
-from .report import ComponentMemory
-from .restoring import stored_quantization_config
-from .streaming import build_empty_model, match_keys, stored_shapes
+from ..backends import backend_for
+from ..backends.base import BackendConfig, QuantizationConfigError
+from ..checkpoint import SAFETENSORS_DTYPES, ComponentCheckpoint
+from ..config import PipelineQuantizationConfig, as_pipeline_config
+from ..devices import check_device
+from ..loading import read_pipeline_index, resolve_pipeline_folder
+from ..report import ComponentMemory
+from ..restoring import stored_quantization_config
+from ..streaming import build_empty_model, match_keys, stored_shapes
+from ..tensor_loading import TensorLoading
 
 
 def estimate(
@@ -70,9 +70,9 @@ def estimate_component(
             f"{folder} is saved already quantized; pipequant estimates full-precision folders. Its size in "
             "memory is what its safetensors files hold."
         )
-    layout = ModelLayout(model_class, folder, torch_dtype)
+    layout = ModelLayout(model_class, folder, torch_dtype, config)
     backend = backend_for(config) if config is not None else None
-    targets = quantization_targets(layout.model, backend, config) if backend is not None else set()
+    targets = layout.loading.targets
     seen: set[int] = set()
     after = 0
     dtypes: Counter[str] = Counter()
@@ -106,28 +106,29 @@ def estimate_component(
 class ModelLayout:
     """A model on the meta device with its checkpoint's keys and the dtype each tensor is loaded in.
 
-    Dtypes follow the streaming loader: a stored floating tensor is cast to the load dtype (float32
-    in the modules the model's library keeps in float32); other stored tensors keep their dtype; a
-    non-persistent buffer keeps the dtype it was built with unless the load dtype casts it.
+    Dtypes and quantized layers are the streaming loader's own (`TensorLoading`), from the
+    checkpoint's headers instead of its tensors.
     """
 
-    def __init__(self, model_class: type[nn.Module], folder: Path, torch_dtype: torch.dtype | None) -> None:
+    def __init__(
+        self,
+        model_class: type[nn.Module],
+        folder: Path,
+        torch_dtype: torch.dtype | None,
+        config: BackendConfig | None = None,
+    ) -> None:
         self.checkpoint = ComponentCheckpoint(folder)
         self.model = build_empty_model(model_class, folder, stored_shapes(self.checkpoint))
         if hasattr(self.model, "tie_weights"):  # as the loader does at the end: tied tensors are one tensor
             self.model.tie_weights()
-        self.torch_dtype = torch_dtype
-        self._keep_fp32 = float32_patterns(self.model, torch_dtype)
+        #: the loader's rule for this model: each tensor's dtype, and the layers `config` quantizes
+        self.loading = TensorLoading.planned(self.model, torch_dtype, config)
         key_map = match_keys(self.model, self.checkpoint)
         self._stored_key: dict[int, str] = {}  # tensor id -> its checkpoint key (tied tensors share one)
         for full_name, tensor in self._named_tensors():
             if full_name in key_map:
                 self._stored_key[id(tensor)] = key_map[full_name]
         self._read_names = set(key_map)
-
-    def load_dtype(self, module_name: str) -> torch.dtype | None:
-        """The dtype floating tensors of `module_name` are cast to (None: kept as stored)."""
-        return torch.float32 if matches_module_pattern(module_name, self._keep_fp32) else self.torch_dtype
 
     def stored_key(self, tensor: torch.Tensor) -> str | None:
         """The checkpoint key `tensor` (of the meta model) is read from; None for a non-persistent buffer."""
@@ -144,12 +145,9 @@ class ModelLayout:
         if tensor is None:
             tensor = module._buffers[tensor_name]
         stored = self.stored_dtype(tensor)
-        load = self.load_dtype(module_name)
-        if stored is None:  # a non-persistent buffer, made when the model was built and cast like the weights
-            built = tensor.dtype
-            cast = built.is_floating_point and self.torch_dtype is not None and load == self.torch_dtype
-            return self.torch_dtype if cast else built
-        return load if stored.is_floating_point and load is not None else stored
+        if stored is None:  # a non-persistent buffer, made when the model was built
+            return self.loading.built_dtype(module_name, tensor.dtype)
+        return self.loading.stored_dtype(module_name, stored)
 
     def full_precision_size(self) -> tuple[int, int]:
         """(bytes of every stored tensor in its load dtype, parameters read), as the loader counts them."""

@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 
 from pipequant import CheckpointError
 from pipequant.backends.gguf import quantize
-from pipequant.backends.gguf.header import parse_header, read_header
-from pipequant.backends.gguf.reader import GGUFFile
+from pipequant.formats.gguf.header import parse_header, read_header
+from pipequant.formats.gguf.reader import GGUFFile
 
 FUZZ_EXAMPLES = int(os.environ.get("PIPEQUANT_FUZZ_EXAMPLES", "300"))
 #: a hang detector (the array bomb used to run forever), not a performance threshold

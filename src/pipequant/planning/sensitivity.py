@@ -19,8 +19,8 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from .backends import backend_for
-from .backends.base import BackendConfig, QuantizationConfigError
+from ..backends import backend_for
+from ..backends.base import BackendConfig, QuantizationConfigError
 from .sizing import ModelLayout
 
 #: rows read per layer; a multiple of 16, which quanto's int4 CPU kernel needs

@@ -19,15 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import init_empty_weights
 from torch import nn
 
-from .backends import config_from_dict, get_backend
-from .backends.base import BackendConfig, QuantizationConfigError
-from .backends.gguf.config import GGUFQuantizationConfig
-from .checkpoint import CheckpointError
-from .config_bounds import check_config_fits
-from .streaming import ProgressCallback, build_empty_model, stream_model
+from ...backends import config_from_dict, get_backend
+from ...backends.base import BackendConfig, QuantizationConfigError
+from ...backends.gguf.config import GGUFQuantizationConfig
+from ...checkpoint import CheckpointError
+from ...streaming import build_empty_model, stream_model
+from ...ui import ProgressCallback
 
 
 def is_gguf_file(value: Any) -> bool:
@@ -51,7 +50,7 @@ def load_gguf_model(
     (files pipequant wrote carry it). `torch_dtype` is the dtype of the plain tensors; by default
     the one the file records, else the compute dtype, else float32 (diffusers' default).
     """
-    from .backends.gguf.reader import GGUFCheckpoint, GGUFFile
+    from .reader import GGUFCheckpoint, GGUFFile
 
     get_backend("gguf").require()
     if quantization_config is not None and not isinstance(quantization_config, GGUFQuantizationConfig):
@@ -109,12 +108,4 @@ def _build(model_class: type[nn.Module], file, config_folder: str | Path | None)
             f"{file.path} carries no model config (pipequant did not write it), so the architecture is unknown: pass "
             "config_folder=<folder with the model's config.json> (load_pipeline uses the component's folder)."
         )
-    check_config_fits(config, shapes, f"{file.path} (pipequant.model_config)")
-    if hasattr(model_class, "from_config"):  # a diffusers model
-        with init_empty_weights():
-            return model_class.from_config(config)
-    config_class = getattr(model_class, "config_class", None)
-    if config_class is None:
-        raise CheckpointError(f"{model_class.__name__} is neither a diffusers nor a transformers model.")
-    with init_empty_weights():
-        return model_class(config_class.from_dict(config))
+    return build_empty_model(model_class, config, shapes, f"{file.path} (pipequant.model_config)")

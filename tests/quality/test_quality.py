@@ -14,11 +14,11 @@ from typer.testing import CliRunner
 
 from pipequant import PipelineQuantizationConfig, compare, load_model, load_pipeline
 from pipequant.cli import app
-from pipequant.image_metrics import psnr, ssim
-from pipequant.minilm import minilm_folder, sentence_embeddings
+from pipequant.quality.metrics import psnr, ssim
+from pipequant.testing.minilm import minilm_folder, sentence_embeddings
 from pipequant.presets import preset
 from pipequant.report import component_memory
-from pipequant.sizing import estimate_component
+from pipequant.planning.sizing import estimate_component
 
 
 def _ramp() -> tuple[np.ndarray, np.ndarray]:

@@ -12,11 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from torch import nn
-
-from .backends.base import BackendConfig
-from .report import format_bytes
-from .sizing import ModelLayout
+from ..ui import format_bytes
 
 FULL = "full precision"
 
@@ -39,7 +35,6 @@ class Layer:
     name: str
     parameters: int
     options: list[Option]  # full precision first
-    module: nn.Linear  # on the meta device
 
 
 @dataclasses.dataclass
@@ -59,9 +54,6 @@ class Component:
     fixed_nbytes: int
     layers: list[Layer]
     families: list[Family]
-    #: for the measurement of errors: the model on meta and the config of each candidate mode
-    layout: ModelLayout
-    configs: dict[str, BackendConfig]
 
 
 def allowed(layer: Layer, family: Family) -> list[Option]:

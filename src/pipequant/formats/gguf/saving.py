@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .backends.gguf.metadata import FLUX_ARCHITECTURE, OWN_ARCHITECTURE, VERSION, PipequantMetadata
-from .backends.gguf.writer import StoredTensor, to_bfl_layout, write_gguf
-from .quantizing import QuantizationRecord, quantization_record
-from .streaming import tied_groups
+from .metadata import FLUX_ARCHITECTURE, OWN_ARCHITECTURE, VERSION, PipequantMetadata
+from .writer import StoredTensor, to_bfl_layout, write_gguf
+from ...quantizing import QuantizationRecord, quantization_record
+from ...streaming import tied_groups
 
 LAYOUTS = ("auto", "bfl", "diffusers")
 _PLAIN_TYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -63,7 +63,7 @@ def save_gguf(model: nn.Module, path: str | Path, *, layout: str = "auto", overw
 
 def _stored_state(model: nn.Module) -> tuple[dict[str, StoredTensor], PipequantMetadata]:
     """Every tensor to write under its state-dict name, and what the metadata says about the model."""
-    from .backends.gguf.linear import GGUFLinear
+    from ...backends.gguf.linear import GGUFLinear
 
     tensors: dict[str, StoredTensor] = {}
     plain_dtypes: Counter[torch.dtype] = Counter()

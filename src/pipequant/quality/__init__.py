@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .image_metrics import psnr, ssim
-from .quality_report import write_grid, write_markdown
+from .metrics import psnr, ssim
+from .report import write_grid, write_markdown
 
 #: component methods pipelines call besides `forward` (a VAE is used through `decode`)
 RECORDED_METHODS = ("forward", "decode")

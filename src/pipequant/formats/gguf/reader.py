@@ -30,7 +30,7 @@ from gguf.constants import GGUFValueType
 
 from ...checkpoint import CheckpointError
 from ...page_cache import OpenFiles, ReadAhead
-from .config import GGUF_TYPES
+from ...backends.gguf.config import GGUF_TYPES
 from .flux_names import flux_tensors_from_bfl, is_bfl_flux, strip_bfl_prefix
 from .header import GGUFHeader, TensorInfo, read_header
 from .metadata import PipequantMetadata
@@ -78,7 +78,7 @@ class TensorPiece:
             return raw.view(torch.float16).reshape(self.shape)
         if self.ggml_type == "BF16":
             return raw.view(torch.bfloat16).reshape(self.shape)
-        from .quants import dequantize
+        from ...backends.gguf.quants import dequantize
 
         return dequantize(raw, self.ggml_type, self.shape)
 
@@ -183,7 +183,7 @@ class GGUFCheckpoint:
     """
 
     def __init__(self, file: GGUFFile, linear_layers: set[str]) -> None:
-        from .backend import TYPE_TENSOR
+        from ...backends.gguf.backend import TYPE_TENSOR
 
         self.file = file
         self.folder = file.path  # the Checkpoint's name for where the tensors are, in the loader's messages
@@ -217,13 +217,13 @@ class GGUFCheckpoint:
         return key not in self._type_keys  # every type pipequant reads decodes to floats
 
     def metadata(self) -> dict[str, str]:
-        from .backend import REQUESTED_TYPE_KEY
+        from ...backends.gguf.backend import REQUESTED_TYPE_KEY
 
         fallbacks = self.file.metadata.type_fallbacks
         return {f"{layer}.{REQUESTED_TYPE_KEY}": fallbacks[layer] for layer in self.gguf_layers if layer in fallbacks}
 
     def read(self, key: str, device: torch.device | str = "cpu") -> torch.Tensor:
-        from .backend import type_id
+        from ...backends.gguf.backend import type_id
 
         if key in self._type_keys:
             piece = self.gguf_layers[self._type_keys[key]]

@@ -6,11 +6,12 @@ sample of its rows, see `sensitivity.py`), or full precision. One backend config
 component, so a component picks one *family*: a single mode with some layers kept in full precision
 (`modules_to_not_convert`), or GGUF, whose layers may also mix types (`type_rules`); or it stays
 unquantized. The plan minimizes the sum over layers of parameters x relative weight error under the
-budget (`plan_solver.py`), and is explained per component (`plan_explanation.py`).
+budget (`solver.py`, which knows only sizes and errors), and is explained per component (`explanation.py`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections import Counter
@@ -20,20 +21,34 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .backends import backend_for
-from .backends.base import BackendConfig
-from .backends.gguf.config import GGUFQuantizationConfig
-from .config import PipelineQuantizationConfig
-from .loading import progress_bars, read_pipeline_index, resolve_pipeline_folder
-from .plan_explanation import ComponentPlan, Explanation
-from .plan_solver import FULL, BudgetError, Component, Family, Layer, Option, check_feasible, solve
-from .presets import PLAN_CANDIDATES, preset, usable
-from .quantizing import quantization_targets
+from ..backends import backend_for
+from ..backends.base import BackendConfig
+from ..backends.gguf.config import GGUFQuantizationConfig
+from ..config import PipelineQuantizationConfig
+from ..loading import read_pipeline_index, resolve_pipeline_folder
+from .explanation import ComponentPlan, Explanation
+from .solver import FULL, BudgetError, Component, Family, Layer, Option, check_feasible, solve
+from ..presets import PLAN_CANDIDATES, preset, usable
+from ..quantizing import quantization_targets
 from .sensitivity import SAMPLE_COLUMNS, SAMPLE_ROWS, measure_layers
 from .sizing import ModelLayout, estimate_component
+from ..ui import progress_bars
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _GGUF_FAMILY = "gguf"
+
+
+@dataclasses.dataclass
+class _Sized:
+    """A component as the solver sees it (sizes and errors), with what measuring its errors needs."""
+
+    component: Component
+    #: the model on the meta device, with the dtype each tensor loads in
+    layout: ModelLayout
+    #: the config of each candidate mode
+    configs: dict[str, BackendConfig]
+    #: the layers in `component.layers`' order, on the meta device
+    modules: list[nn.Linear]
 
 
 def parse_budget(budget: int | str) -> int:
@@ -78,17 +93,18 @@ def plan(
     unknown = sorted(quantizable - set(models))
     if unknown:
         raise ValueError(f"{index.pipeline_class_name} has no model component {', '.join(unknown)}; its models: {', '.join(models)}.")
-    sized = [
+    measurable = [
         _size(name, index.component_class(name), folder / name, torch_dtype, modes if name in quantizable else [])
         for name in models
     ]
+    sized = [entry.component for entry in measurable]
     if sum(c.full_nbytes for c in sized) <= limit:  # nothing to quantize, nothing to measure
         choice = [(c.families[0], [layer.options[0] for layer in c.layers]) for c in sized]
     else:
         check_feasible(sized, limit)  # before the measurement: it needs sizes only
         with progress_bars(progress) as add_task:
-            for component in sized:
-                _measure(component, rows=rows, columns=columns, seed=seed, device=device, add_task=add_task)
+            for entry in measurable:
+                _measure(entry, rows=rows, columns=columns, seed=seed, device=device, add_task=add_task)
         choice = solve(sized, limit)
     mapping: dict[str, BackendConfig] = {}
     explained = []
@@ -108,7 +124,7 @@ def plan(
 
 def _size(
     name: str, model_class: type[nn.Module], folder: Path, torch_dtype: torch.dtype | None, modes: list[str]
-) -> Component:
+) -> _Sized:
     """Every layer one of `modes` would quantize, with the bytes of each option, and the families the component may take.
 
     Errors are measured later (`_measure`); until then they are NaN.
@@ -119,6 +135,7 @@ def _size(
     taken = {mode: quantization_targets(layout.model, backend_for(cfg), cfg) for mode, cfg in configs.items()}
     names = set().union(*taken.values()) if taken else set()
     layers = []
+    modules = []
     for layer_name, module in layout.model.named_modules():
         if layer_name not in names:
             continue
@@ -131,23 +148,25 @@ def _size(
             if layer_name in taken[mode]:
                 nbytes = backend_for(config).estimate_layer_nbytes(layer_name, module, config, dtype)
                 options.append(Option(mode, nbytes, math.nan))
-        layers.append(Layer(layer_name, module.weight.numel(), options, module))
+        layers.append(Layer(layer_name, module.weight.numel(), options))
+        modules.append(module)
     fixed = full - sum(layer.options[0].nbytes for layer in layers)
     gguf = tuple(mode for mode in modes if isinstance(configs[mode], GGUFQuantizationConfig))
     families = [Family(FULL, ())]
     families += [Family(mode, (mode,)) for mode in modes if mode not in gguf]
     if gguf:
         families.append(Family(_GGUF_FAMILY, gguf))
-    return Component(name, model_class.__name__, full, fixed, layers, families, layout, configs)
+    component = Component(name, model_class.__name__, full, fixed, layers, families)
+    return _Sized(component, layout, configs, modules)
 
 
-def _measure(component: Component, *, rows: int, columns: int, seed: int, device: torch.device, add_task) -> None:
+def _measure(sized: _Sized, *, rows: int, columns: int, seed: int, device: torch.device, add_task) -> None:
     """Fill in each option's error; an option whose mode cannot quantize its layer is dropped (the layer stays full)."""
-    modules = [(layer.name, layer.module) for layer in component.layers]
-    on_layer = add_task(f"{component.name}: measuring {len(component.configs)} modes", len(modules))
+    component = sized.component
+    modules = [(layer.name, module) for layer, module in zip(component.layers, sized.modules)]
+    on_layer = add_task(f"{component.name}: measuring {len(sized.configs)} modes", len(modules))
     measured = measure_layers(
-        component.layout, modules, component.configs, rows=rows, columns=columns, seed=seed, device=device,
-        on_layer=on_layer,
+        sized.layout, modules, sized.configs, rows=rows, columns=columns, seed=seed, device=device, on_layer=on_layer
     )
     for layer, errors in zip(component.layers, measured):
         layer.options = [o for o in layer.options if o.mode is None or o.mode in errors]
@@ -211,3 +230,6 @@ def _explain(component: Component, family: Family, picks: list[Option], nbytes: 
         component.name, component.class_name, choice, sum(modes.values()), kept, nbytes, component.full_nbytes,
         parameters, error, alternatives,
     )
+
+
+__all__ = ["BudgetError", "parse_budget", "plan"]
