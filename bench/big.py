@@ -30,9 +30,8 @@ import sys
 import time
 from pathlib import Path
 
-# run as a script, so this folder is first on sys.path
-from memory import PeakSampler, anonymous_bytes, rss_high_water_mark
-from table import publish
+from pipequant.testing.memory import PeakSampler, anonymous_bytes, rss_high_water_mark
+from table import publish  # run as a script, so this folder is first on sys.path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "big.md"
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 import os
 import time
@@ -16,28 +15,9 @@ from safetensors.torch import load_file, save_file
 import pipequant
 from pipequant.checkpoint import ComponentCheckpoint
 from pipequant.page_cache import FileRange, OpenFiles, ReadAhead, read_into
+from pipequant.testing.memory import mapped_rss, resident_pages
 
 _PAGE = mmap.PAGESIZE
-
-
-def _resident_pages(path: Path) -> int:
-    """How many of the file's pages are in the page cache: mincore on a fresh map, which touches nothing."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    size = path.stat().st_size
-    pages = (size + _PAGE - 1) // _PAGE
-    residency = (ctypes.c_ubyte * pages)()
-    with open(path, "rb") as file:
-        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, file.fileno(), 0)
-        try:
-            if libc.mincore(address, size, residency) != 0:
-                raise OSError(ctypes.get_errno(), "mincore")
-        finally:
-            libc.munmap(address, size)
-    return sum(byte & 1 for byte in residency)
 
 
 def _written(path: Path) -> Path:
@@ -84,25 +64,15 @@ def test_read_pages_are_released_from_the_page_cache(component: Path) -> None:
     path = component / "model.safetensors"
     checkpoint = ComponentCheckpoint(component)
     path.read_bytes()  # the whole file cached
-    assert _resident_pages(path) * _PAGE >= path.stat().st_size - _PAGE
+    assert resident_pages(path) * _PAGE >= path.stat().st_size - _PAGE
     checkpoint.read("big")  # 2 MB of the file
-    assert _resident_pages(path) * _PAGE < path.stat().st_size - 2 * 2**20 + 16 * _PAGE
+    assert resident_pages(path) * _PAGE < path.stat().st_size - 2 * 2**20 + 16 * _PAGE
 
 
 def test_no_file_page_stays_mapped_after_a_load(flux_path: Path) -> None:
     """A streamed model owns its memory: nothing of the weight files is left mapped in the process's RSS."""
     model = pipequant.load_model(FluxTransformer2DModel, flux_path / "transformer", torch_dtype=torch.float32)
-    weights = str((flux_path / "transformer").resolve())
-    mapped_rss = 0
-    current = None
-    with open("/proc/self/smaps") as smaps:
-        for line in smaps:
-            fields = line.split()
-            if "-" in fields[0] and len(fields) >= 5:
-                current = fields[5] if len(fields) >= 6 else None
-            elif fields[0] == "Rss:" and current and current.startswith(weights):
-                mapped_rss += int(fields[1]) * 1024
-    assert mapped_rss <= 64 * 1024  # the headers safetensors read
+    assert mapped_rss((flux_path / "transformer").resolve()) <= 64 * 1024  # the headers safetensors read
     assert model.proj_out.weight.is_contiguous()
 
 
@@ -115,9 +85,9 @@ def test_read_ahead_brings_in_the_window_ahead_and_no_more(tmp_path: Path) -> No
     with ReadAhead(OpenFiles(), ranges, window=3 * 2**20) as ahead:
         ahead.reached(2)  # ranges 2, 3 and 4 are within the window from range 2
     deadline = time.monotonic() + 5
-    while _resident_pages(path) * _PAGE < 3 * 2**20 and time.monotonic() < deadline:
+    while resident_pages(path) * _PAGE < 3 * 2**20 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert 3 * 2**20 <= _resident_pages(path) * _PAGE < 4 * 2**20
+    assert 3 * 2**20 <= resident_pages(path) * _PAGE < 4 * 2**20
     assert torch.equal(  # and a read of one of them gives the file's bytes
         read_into(torch.empty(2**20, dtype=torch.uint8), OpenFiles(), ranges[3]),
         torch.frombuffer(bytearray(path.read_bytes()[3 * 2**20 : 4 * 2**20]), dtype=torch.uint8),

@@ -105,7 +105,8 @@ class ReadAhead:
         self._ranges = ranges
         self._window = window
         self._issued = 0  # ranges[:_issued] are advised
-        self._queue: queue.SimpleQueue[FileRange | None] = queue.SimpleQueue()
+        self._reached = 0  # the range the loader reads now: advice for earlier ones would cache them again
+        self._queue: queue.SimpleQueue[int | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         if _ADVICE and ranges:
             self._thread = threading.Thread(target=self._advise, name="pipequant-read-ahead", daemon=True)
@@ -115,17 +116,22 @@ class ReadAhead:
         if self._thread is None:
             return
         ahead = 0
+        self._reached = index
         self._issued = max(self._issued, index)
         for position in range(index, len(self._ranges)):
             ahead += self._ranges[position].nbytes
             if position >= self._issued:
                 if ahead > self._window and position > index:
                     break
-                self._queue.put(self._ranges[position])
+                if self._ranges[position].nbytes:  # (an empty range would advise the whole file)
+                    self._queue.put(position)
                 self._issued = position + 1
 
     def _advise(self) -> None:
-        while (source := self._queue.get()) is not None:
+        while (position := self._queue.get()) is not None:
+            if position < self._reached:  # the loader has read it already (and dropped its pages)
+                continue
+            source = self._ranges[position]
             try:
                 descriptor = self._files.descriptor(source.path)
                 os.posix_fadvise(descriptor, source.offset, source.nbytes, os.POSIX_FADV_WILLNEED)

@@ -33,6 +33,7 @@ from pipequant import (
 )
 from pipequant.backends.gguf import GGUFLinear, GGUFTypeFallbackWarning, type_fallbacks
 from pipequant.cli import app
+from pipequant.testing.memory import anonymous_bytes, mapped_rss, page_residency, resident_pages
 
 BF16 = torch.bfloat16
 #: the mixed config the export tests write: per-layer rules, a fallback (x_embedder has 64 inputs), a kept layer
@@ -325,12 +326,6 @@ def test_configs_that_contradict_a_gguf_file_are_refused(community_file, exporte
 # --- memory -----------------------------------------------------------------------------------------
 
 
-def _anonymous_bytes() -> int:
-    """Resident memory not backed by a file (statm: resident - shared): copies, not the file's map."""
-    _size, resident, shared = map(int, Path("/proc/self/statm").read_text().split()[:3])
-    return (resident - shared) * os.sysconf("SC_PAGE_SIZE")
-
-
 def test_loading_a_gguf_file_copies_one_layer_at_a_time(tmp_path):
     torch.manual_seed(0)
     model = FluxTransformer2DModel(
@@ -343,18 +338,42 @@ def test_loading_a_gguf_file_copies_one_layer_at_a_time(tmp_path):
     file_size = path.stat().st_size
     assert file_size > 15e6
 
-    before = _anonymous_bytes()
+    before = anonymous_bytes()
     peak = before
 
     def on_layer(done: int, total: int) -> None:
         nonlocal peak
-        peak = max(peak, _anonymous_bytes())
+        peak = max(peak, anonymous_bytes())
 
     loaded = load_model(FluxTransformer2DModel, path, on_layer=on_layer)
     # the model itself is about the file's size; one copy of the whole file on top would double it
     assert peak - before < 1.4 * file_size
     for name, layer in gguf_layers(loaded).items():
         assert layer.weight.untyped_storage().nbytes() == layer.weight.nbytes, name  # its own memory, no view
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise on this platform")
+def test_a_gguf_load_maps_nothing_and_gives_its_pages_back(exported, community_file, flux_path):
+    """As safetensors shards: read into owned memory (no file page in RSS), pages dropped from the cache once read;
+    the BFL file's fused tensors are read as row ranges."""
+    for path in (exported, community_file):
+        with open(path, "rb") as file:
+            os.fsync(file.fileno())  # the kernel drops only clean pages
+        path.read_bytes()  # the whole file cached
+        assert resident_pages(path) * os.sysconf("SC_PAGE_SIZE") >= path.stat().st_size - os.sysconf("SC_PAGE_SIZE")
+        model = load_model(FluxTransformer2DModel, path, config_folder=flux_path / "transformer")
+        assert gguf_layers(model) and mapped_rss(path.resolve()) == 0
+        page = os.sysconf("SC_PAGE_SIZE")
+        cached = page_residency(path)
+        whole_pages = [  # pages that lie wholly inside a tensor's bytes (the kernel drops whole pages only)
+            index
+            for tensor in GGUFReader(path).tensors
+            for index in range(-(-tensor.data_offset // page), (tensor.data_offset + tensor.n_bytes) // page)
+        ]
+        assert len(whole_pages) > 0.5 * path.stat().st_size / page
+        # mostly: this tiny file's pieces are a few pages each, read out of file order (q, k, v of one fused
+        # tensor), and the kernel's own read-ahead for one piece may bring back pages of another already read
+        assert sum(cached[index] for index in whole_pages) < 0.25 * len(whole_pages)
 
 
 # --- command line ------------------------------------------------------------------------------------

@@ -24,12 +24,11 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from gguf.constants import GGUFValueType
 
 from ...checkpoint import CheckpointError
-from ...page_cache import OpenFiles, ReadAhead
+from ...page_cache import FileRange, OpenFiles, ReadAhead, read_into
 from ...backends.gguf.config import GGUF_TYPES
 from .flux_names import flux_tensors_from_bfl, is_bfl_flux, strip_bfl_prefix
 from .header import GGUFHeader, TensorInfo, read_header
@@ -45,7 +44,8 @@ class TensorPiece:
     name: str
     ggml_type: str
     file_shape: tuple[int, ...]
-    data: np.ndarray  # uint8 view into the map, one row of bytes per row (a 1-D block-type tensor: one row)
+    #: the whole file tensor's bytes (range checked by `read_header`)
+    source: FileRange
     start: int
     stop: int
     swap_halves: bool = False
@@ -58,20 +58,40 @@ class TensorPiece:
     def quantized(self) -> bool:
         return self.ggml_type not in _PLAIN_TYPES
 
-    def raw(self) -> torch.Tensor:
-        """The piece's bytes, copied out of the map: uint8, one row of GGML blocks per row."""
-        if self.quantized and len(self.file_shape) == 1:
-            rows = self.data  # one row of blocks, never split (see `_bfl_pieces`)
-        else:
-            rows = self.data[self.start : self.stop]
-        if self.swap_halves:
-            half = len(rows) // 2
-            rows = np.concatenate((rows[half:], rows[:half]))
-        return torch.from_numpy(np.array(rows, copy=True).view(np.uint8))
+    @property
+    def _one_row(self) -> bool:
+        """A 1-D tensor of GGML blocks: one row of bytes, never split (see `_bfl_pieces`)."""
+        return self.quantized and len(self.file_shape) == 1
 
-    def tensor(self) -> torch.Tensor:
+    @property
+    def range(self) -> FileRange:
+        """The bytes of the piece's rows in the file (before any halves are swapped)."""
+        if self._one_row:
+            return self.source
+        row_nbytes = self.source.nbytes // self.file_shape[0]
+        return FileRange(self.source.path, self.source.offset + self.start * row_nbytes, self.shape[0] * row_nbytes)
+
+    def raw(self, files: OpenFiles) -> torch.Tensor:
+        """The piece's bytes in memory of its own (read with `files`, then dropped from the page cache): uint8,
+        one row of GGML blocks per row."""
+        source = self.range
+        rows = 1 if self._one_row else self.shape[0]
+        raw = torch.empty((rows, source.nbytes // rows if rows else 0), dtype=torch.uint8)
+        try:
+            read_into(raw, files, source)
+        except (EOFError, OSError) as error:
+            raise CheckpointError(
+                f"{source.path}: cannot read tensor {self.name!r} ({error}). The file is truncated or corrupt; "
+                "replace it with a complete copy."
+            ) from error
+        if self.swap_halves:
+            half = rows // 2
+            raw = torch.cat((raw[half:], raw[:half]))
+        return raw
+
+    def tensor(self, files: OpenFiles) -> torch.Tensor:
         """The piece as a plain tensor: stored floats as they are, quantized weights dequantized to float32."""
-        raw = self.raw()
+        raw = self.raw(files)
         if self.ggml_type == "F32":
             return raw.view(torch.float32).reshape(self.shape)
         if self.ggml_type == "F16":
@@ -84,10 +104,13 @@ class TensorPiece:
 
 
 class GGUFFile:
-    """A .gguf file opened memory-mapped: its tensors under diffusers names, and pipequant's metadata."""
+    """A .gguf file's header: its tensors under diffusers names (as `TensorPiece`s, read on demand with
+    `page_cache`, like safetensors shards), and pipequant's metadata."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        #: the descriptor the pieces are read with
+        self.open_files = OpenFiles()
         header = read_header(self.path)
         self.architecture = _string_field(self.path, header, "general.architecture")
         fields = {key: _string_field(self.path, header, key) for key in header.fields if key.startswith("pipequant.")}
@@ -97,8 +120,10 @@ class GGUFFile:
             raise CheckpointError(f"{self.path}: {error}; the file is corrupt or was edited.") from error
         self.type_counts: Counter[str] = Counter(tensor.ggml_type.name for tensor in header.tensors)
         _check_types(self.path, header)
-        mapped = np.memmap(self.path, mode="r") if header.tensors else np.empty(0, np.uint8)
-        stored = {strip_bfl_prefix(tensor.name): (tensor, _data(mapped, tensor)) for tensor in header.tensors}
+        stored = {
+            strip_bfl_prefix(tensor.name): (tensor, FileRange(self.path, tensor.offset, tensor.nbytes))
+            for tensor in header.tensors
+        }
         if len(stored) != len(header.tensors):
             raise CheckpointError(f"{self.path}: some tensors are stored twice, with and without the BFL name prefix.")
         self.layout = "bfl" if is_bfl_flux(stored) else "diffusers"
@@ -133,16 +158,8 @@ def _check_types(path: Path, header: GGUFHeader) -> None:
         )
 
 
-def _data(mapped: np.ndarray, tensor: TensorInfo) -> np.ndarray:
-    """The tensor's bytes in the map (range checked by `read_header`), one row of bytes per first-dim row."""
-    data = mapped[tensor.offset : tensor.offset + tensor.nbytes]
-    if len(tensor.dims) == 1 and tensor.ggml_type.name not in _PLAIN_TYPES:  # blocks: one row, never split
-        return data.reshape(1, -1)
-    return data.reshape(tensor.shape[0], -1)
-
-
-def _whole(name: str, tensor: TensorInfo, data: np.ndarray) -> TensorPiece:
-    return TensorPiece(name, tensor.ggml_type.name, tensor.shape, data, 0, tensor.shape[0])
+def _whole(name: str, tensor: TensorInfo, source: FileRange) -> TensorPiece:
+    return TensorPiece(name, tensor.ggml_type.name, tensor.shape, source, 0, tensor.shape[0])
 
 
 def _bfl_pieces(path: Path, stored: dict) -> dict[str, TensorPiece]:
@@ -230,12 +247,14 @@ class GGUFCheckpoint:
             return torch.tensor(type_id(piece.ggml_type), dtype=torch.int32, device=device)
         layer = key.removesuffix(".weight")
         if layer in self.gguf_layers and key.endswith(".weight"):
-            return self.gguf_layers[layer].raw().to(device)
-        return self._tensors[key].tensor().to(device)
+            return self.gguf_layers[layer].raw(self.file.open_files).to(device)
+        return self._tensors[key].tensor(self.file.open_files).to(device)
 
     def read_ahead(self, keys: Sequence[str]) -> ReadAhead:
-        """None yet for .gguf files (a piece may be some rows of a file tensor, read through gguf-py's map)."""
-        return ReadAhead(OpenFiles(), [])
+        """Read-ahead over the file ranges of `keys`, in the order the loader reads them (see `page_cache`)."""
+        no_bytes = FileRange(self.file.path, 0, 0)  # a layer's type, made from the header: nothing to read
+        ranges = [no_bytes if key in self._type_keys else self._piece(key).range for key in keys]
+        return ReadAhead(self.file.open_files, ranges)
 
     def _piece(self, key: str) -> TensorPiece:
         layer = key.removesuffix(".weight")
