@@ -15,7 +15,7 @@ from .checkpoint import CheckpointError
 from .component_classes import allow_library
 from .config import PipelineQuantizationConfig
 from .devices import DeviceError
-from .formats.gguf.saving import save_gguf
+from .formats.gguf.saving import export_gguf, save_gguf
 from .loading import PipelineFolderError, load_model, load_pipeline, quantize_pipeline
 from .planning import BudgetError, plan
 from .quality import compare
@@ -39,6 +39,7 @@ __all__ = [
     "allow_library",
     "compare",
     "estimate",
+    "export_gguf",
     "load_model",
     "load_pipeline",
     "plan",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -202,8 +203,9 @@ def quantize(
 
 
 def _quantize_to_gguf(path, backend, options, components, dtype, out: Path, layout: str, overwrite: bool) -> None:
-    from . import GGUFQuantizationConfig, load_model, save_gguf
-    from .backends.gguf import type_fallbacks
+    from . import GGUFQuantizationConfig, export_gguf
+    from .backends.gguf import GGUFTypeFallbackWarning
+    from .formats.gguf.reader import GGUFFile
     from .loading import read_pipeline_index, resolve_pipeline_folder
 
     if backend != "gguf":
@@ -218,14 +220,17 @@ def _quantize_to_gguf(path, backend, options, components, dtype, out: Path, layo
     if name is None or name not in index.components or index.component_class(name) is None:
         raise typer.BadParameter(f"{index.pipeline_class_name} has no component {name!r}.", param_hint="--component")
     started = time.perf_counter()
-    model = load_model(index.component_class(name), index.folder / name, config, torch_dtype=dtype)
-    written = save_gguf(model, out, layout=layout, overwrite=overwrite)
+    model_class = index.component_class(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GGUFTypeFallbackWarning)  # listed below, once
+        written = export_gguf(model_class, index.folder / name, config, out, torch_dtype=dtype, layout=layout, overwrite=overwrite)
     console.print(
-        f"Wrote {name} ({type(model).__name__}, {config!r}) to {written}: {format_bytes(written.stat().st_size)} "
+        f"Wrote {name} ({model_class.__name__}, {config!r}) to {written}: {format_bytes(written.stat().st_size)} "
         f"in {time.perf_counter() - started:.1f} s"
     )
-    for layer, (asked, stored) in type_fallbacks(model).items():
-        console.print(f"  {layer}: {stored} (rows do not fit {asked} blocks)")
+    file = GGUFFile(written)
+    for layer, asked in file.metadata.type_fallbacks.items():
+        console.print(f"  {layer}: {file.pieces[f'{layer}.weight'].ggml_type} (rows do not fit {asked} blocks)")
 
 
 def _stored_quantization(folder: Path) -> str:

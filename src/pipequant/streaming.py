@@ -125,8 +125,7 @@ def stream_model(
                 on_layer(done, len(owners))
 
     _finish_buffers(model, loading, device)
-    if dtype is not None and hasattr(getattr(model, "config", None), "dtype"):
-        model.config.dtype = dtype  # what transformers' from_pretrained records, and saves
+    record_load_dtype(model, dtype)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     _check_nothing_left_on_meta(model, checkpoint)
@@ -135,6 +134,12 @@ def stream_model(
         record = QuantizationRecord(config, backend.name, len(loading.targets), full_nbytes, parameter_count)
         record_quantization(model, record, dtype=dtype, pre_quantized=saved)
     return model
+
+
+def record_load_dtype(model: nn.Module, dtype: torch.dtype | None) -> None:
+    """What transformers' from_pretrained records of the load dtype in the model's config (and saves with it)."""
+    if dtype is not None and hasattr(getattr(model, "config", None), "dtype"):
+        model.config.dtype = dtype
 
 
 def _layer_reads(

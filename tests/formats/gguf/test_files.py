@@ -26,12 +26,14 @@ from pipequant import (
     PipelineQuantizationConfig,
     QuantizationConfigError,
     load_model,
+    export_gguf,
     load_pipeline,
     quantize_model,
     save_gguf,
     save_pipeline,
 )
 from pipequant.backends.gguf import GGUFLinear, GGUFTypeFallbackWarning, type_fallbacks
+from pipequant.formats.gguf.writer import StoredTensor
 from pipequant.cli import app
 from pipequant.testing.memory import anonymous_bytes, mapped_rss, page_residency, resident_pages
 
@@ -374,6 +376,51 @@ def test_a_gguf_load_maps_nothing_and_gives_its_pages_back(exported, community_f
         # mostly: this tiny file's pieces are a few pages each, read out of file order (q, k, v of one fused
         # tensor), and the kernel's own read-ahead for one piece may bring back pages of another already read
         assert sum(cached[index] for index in whole_pages) < 0.25 * len(whole_pages)
+
+
+@pytest.mark.parametrize("layout", ["auto", "diffusers"])
+@pytest.mark.parametrize("dtype", [BF16, None])
+def test_a_streamed_export_is_the_file_save_gguf_writes_after_a_load(flux_path, layout, dtype, tmp_path):
+    """export_gguf never holds the model, and writes the same bytes: types, fallbacks, plain dtypes, metadata."""
+    folder = flux_path / "transformer"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GGUFTypeFallbackWarning)
+        loaded = load_model(FluxTransformer2DModel, folder, MIXED, torch_dtype=dtype)
+        saved = save_gguf(loaded, tmp_path / "saved.gguf", layout=layout)
+        streamed = export_gguf(FluxTransformer2DModel, folder, MIXED, tmp_path / "streamed.gguf", torch_dtype=dtype, layout=layout)
+    assert type_fallbacks(loaded)  # the config's fallbacks are part of what must agree
+    assert streamed.read_bytes() == saved.read_bytes()
+
+
+def test_a_streamed_export_reads_one_layer_at_a_time(tmp_path):
+    """Anonymous memory while exporting stays far below the model's size (the loaded route holds all of it)."""
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(
+        in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=128, num_attention_heads=4,
+        joint_attention_dim=256, pooled_projection_dim=256, axes_dims_rope=(16, 56, 56),
+    )
+    model.save_pretrained(tmp_path / "transformer")
+    model_bytes = sum(t.nbytes for t in model.state_dict().values())
+    del model
+    gc.collect()
+    before = anonymous_bytes()
+    peak = before
+    original = StoredTensor.materialize
+
+    def sampled(self):
+        nonlocal peak
+        data = original(self)
+        peak = max(peak, anonymous_bytes())
+        return data
+
+    config = GGUFQuantizationConfig(quant_type="Q8_0")
+    try:
+        StoredTensor.materialize = sampled
+        export_gguf(FluxTransformer2DModel, tmp_path / "transformer", config, tmp_path / "out.gguf")
+    finally:
+        StoredTensor.materialize = original
+    assert model_bytes > 60e6
+    assert peak - before < 0.25 * model_bytes
 
 
 # --- command line ------------------------------------------------------------------------------------

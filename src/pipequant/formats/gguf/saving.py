@@ -12,21 +12,31 @@ exactly from the file alone.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import Counter
+from collections.abc import Callable, Iterator
 from importlib.metadata import version
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
+from ...backends import get_backend
+from ...backends.gguf.config import GGUFQuantizationConfig, fitting_type, row_nbytes
+from ...checkpoint import SAFETENSORS_DTYPES, ComponentCheckpoint
+from ...page_cache import ReadAhead
+from ...markers import mark_quantized
+from ...quantizing import QuantizationRecord, keep_in_fp32_patterns, quantization_record
+from ...streaming import build_empty_model, match_keys, record_load_dtype, stored_shapes, tied_groups
+from ...tensor_loading import TensorLoading
 from .metadata import FLUX_ARCHITECTURE, OWN_ARCHITECTURE, VERSION, PipequantMetadata
-from .writer import StoredTensor, to_bfl_layout, write_gguf
-from ...quantizing import QuantizationRecord, quantization_record
-from ...streaming import tied_groups
+from .writer import LazyPart, StoredTensor, to_bfl_layout, write_gguf
 
 LAYOUTS = ("auto", "bfl", "diffusers")
 _PLAIN_TYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+_TYPE_DTYPES = {name: dtype for dtype, name in _PLAIN_TYPES.items()}
 
 
 def save_gguf(model: nn.Module, path: str | Path, *, layout: str = "auto", overwrite: bool = False) -> Path:
@@ -36,11 +46,7 @@ def save_gguf(model: nn.Module, path: str | Path, *, layout: str = "auto", overw
     own tensor names), or "auto" (bfl for a Flux transformer, diffusers otherwise). An existing file
     is refused unless `overwrite`; it is replaced only by a complete new file.
     """
-    path = Path(path)
-    if path.suffix.lower() != ".gguf":
-        raise ValueError(f"{path}: a GGUF file's name ends in .gguf (the loaders tell the format by it).")
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout={layout!r}; use one of {', '.join(LAYOUTS)}.")
+    path = _checked_path(path, layout)
     record: QuantizationRecord | None = quantization_record(model)
     if record is not None and record.backend != "gguf":
         raise ValueError(
@@ -48,21 +54,82 @@ def save_gguf(model: nn.Module, path: str | Path, *, layout: str = "auto", overw
             "tensors only. Quantize the full-precision model with GGUFQuantizationConfig(quant_type=...) instead."
         )
     tensors, metadata = _stored_state(model)
-    chosen = layout if layout != "auto" else ("bfl" if type(model).__name__ == "FluxTransformer2DModel" else "diffusers")
+    metadata.quantization_config = None if record is None else record.config.to_dict()
+    tensors, architecture, fields = _laid_out(type(model).__name__, tensors, metadata, layout)
+    return write_gguf(path, tensors, architecture=architecture, fields=fields, overwrite=overwrite)
+
+
+def export_gguf(
+    model_class: type[nn.Module],
+    folder: str | Path,
+    config: GGUFQuantizationConfig,
+    path: str | Path,
+    *,
+    torch_dtype: torch.dtype | None = None,
+    layout: str = "auto",
+    overwrite: bool = False,
+) -> Path:
+    """`save_gguf(load_model(model_class, folder, config, torch_dtype=torch_dtype), path, ...)`, byte for byte,
+    without the model in memory: each layer is read, quantized and written when the writer reaches it.
+
+    The model is built on the meta device; every tensor's type and size follow from its shape and
+    `config` before any weight is read, so the header is written first and the data section is then
+    filled one tensor at a time (a stacked BFL tensor at most), with the checkpoint read ahead in the
+    file's order. Memory stays near one layer for a model of any size; `pipequant quantize --out x.gguf`
+    uses it.
+    """
+    path, folder = _checked_path(path, layout), Path(folder)
+    backend = get_backend("gguf")
+    backend.require()
+    backend.check_device(config, torch.device("cpu"))
+    checkpoint = ComponentCheckpoint(folder)
+    model = build_empty_model(model_class, folder, stored_shapes(checkpoint))
+    key_map = match_keys(model, checkpoint)
+    loading = TensorLoading.planned(model, torch_dtype, config)
+    # the config the loaded model would carry, which the file's model config repeats
+    record_load_dtype(model, torch_dtype)
+    mark_quantized(model, config, dtype=torch_dtype, pre_quantized=False, keep_in_fp32=keep_in_fp32_patterns(model))
+    reads = _OrderedReads(checkpoint, key_map, loading)
+    tensors, metadata = _stored_state(model, planned=(config, loading, reads))
+    metadata.quantization_config = config.to_dict()
+    tensors, architecture, fields = _laid_out(model_class.__name__, tensors, metadata, layout)
+    with reads.ahead(tensors):
+        return write_gguf(path, tensors, architecture=architecture, fields=fields, overwrite=overwrite)
+
+
+def _checked_path(path: str | Path, layout: str) -> Path:
+    path = Path(path)
+    if path.suffix.lower() != ".gguf":
+        raise ValueError(f"{path}: a GGUF file's name ends in .gguf (the loaders tell the format by it).")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r}; use one of {', '.join(LAYOUTS)}.")
+    return path
+
+
+def _laid_out(
+    class_name: str, tensors: dict[str, StoredTensor], metadata: PipequantMetadata, layout: str
+) -> tuple[dict[str, StoredTensor], str, dict[str, str]]:
+    """The tensors under the names of `layout`, the file's architecture and its metadata fields."""
+    chosen = layout if layout != "auto" else ("bfl" if class_name == "FluxTransformer2DModel" else "diffusers")
     if chosen == "bfl":
         try:
             tensors = to_bfl_layout(tensors)
         except ValueError as error:
-            raise ValueError(f"Cannot write {type(model).__name__} in the BFL layout: {error}.") from error
+            raise ValueError(f"Cannot write {class_name} in the BFL layout: {error}.") from error
     metadata.layout = chosen
-    metadata.quantization_config = None if record is None else record.config.to_dict()
     fields = {VERSION: version("pipequant"), **metadata.to_strings()}
     architecture = FLUX_ARCHITECTURE if chosen == "bfl" else OWN_ARCHITECTURE
-    return write_gguf(path, tensors, architecture=architecture, fields=fields, overwrite=overwrite)
+    return tensors, architecture, fields
 
 
-def _stored_state(model: nn.Module) -> tuple[dict[str, StoredTensor], PipequantMetadata]:
-    """Every tensor to write under its state-dict name, and what the metadata says about the model."""
+def _stored_state(
+    model: nn.Module, planned: tuple[GGUFQuantizationConfig, TensorLoading, _OrderedReads] | None = None
+) -> tuple[dict[str, StoredTensor], PipequantMetadata]:
+    """Every tensor to write under its state-dict name, and what the metadata says about the model.
+
+    `model` holds its weights (GGUF layers quantized), or, with `planned`, is on the meta device: then
+    the GGUF layers are the ones `planned`'s config quantizes, and every tensor's bytes are made on demand.
+    """
     from ...backends.gguf.linear import GGUFLinear
 
     tensors: dict[str, StoredTensor] = {}
@@ -76,17 +143,32 @@ def _stored_state(model: nn.Module) -> tuple[dict[str, StoredTensor], PipequantM
         prefix = f"{name}." if name else ""
         if isinstance(module, GGUFLinear):
             tensors[prefix + "weight"] = StoredTensor(module.ggml_type, [module.weight.detach().cpu().numpy()])
-            metadata.gguf_layers.add(name)
-            if module.requested_type is not None:
-                metadata.type_fallbacks[name] = module.requested_type
+            requested = module.requested_type
+        elif planned is not None and planned[1].quantized(name):
+            config, _, reads = planned
+            requested = config.type_for(name)
+            ggml_type = fitting_type(requested, module.in_features, reads.dtype(name, "weight"))
+            shape = (module.out_features, row_nbytes(ggml_type, module.in_features))
+            part = LazyPart(shape, reads.layer_part(name, "weight", config), source=prefix + "weight")
+            tensors[prefix + "weight"] = StoredTensor(ggml_type, [part])
+            requested = requested if ggml_type != requested else None
             if module.bias is not None:
-                tensors[prefix + "bias"] = _plain(prefix + "bias", module.bias)
+                qtype, byte_shape = _plain_type(prefix + "bias", (module.out_features,), torch.float32)
+                bias = LazyPart(byte_shape, reads.layer_part(name, "bias", config), source=prefix + "bias")
+                tensors[prefix + "bias"] = StoredTensor(qtype, [bias])
+        else:
+            non_persistent = getattr(module, "_non_persistent_buffers_set", set())
+            for key, tensor in (*module._parameters.items(), *module._buffers.items()):
+                if tensor is not None and key not in non_persistent:
+                    dtype = tensor.dtype if planned is None else planned[2].dtype(name, key)
+                    tensors[prefix + key] = _plain(prefix + key, tensor, planned)
+                    plain_dtypes[dtype] += tensor.numel()
             continue
-        non_persistent = getattr(module, "_non_persistent_buffers_set", set())
-        for key, tensor in (*module._parameters.items(), *module._buffers.items()):
-            if tensor is not None and key not in non_persistent:
-                tensors[prefix + key] = _plain(prefix + key, tensor)
-                plain_dtypes[tensor.dtype] += tensor.numel()
+        metadata.gguf_layers.add(name)
+        if requested is not None:
+            metadata.type_fallbacks[name] = requested
+        if isinstance(module, GGUFLinear) and module.bias is not None:
+            tensors[prefix + "bias"] = _plain(prefix + "bias", module.bias)
     for group in tied_groups(model):
         for alias in group[1:]:
             tensors.pop(alias, None)
@@ -94,14 +176,103 @@ def _stored_state(model: nn.Module) -> tuple[dict[str, StoredTensor], PipequantM
     return tensors, metadata
 
 
-def _plain(name: str, tensor: torch.Tensor) -> StoredTensor:
-    if tensor.dtype not in _PLAIN_TYPES:
-        raise ValueError(f"tensor {name!r} is {tensor.dtype}; a .gguf file stores float32, float16 or bfloat16 tensors")
-    data = tensor.detach().to("cpu").reshape(tensor.shape or (1,))
-    if data.dim() == 1:
-        data = data.float()  # 1-D tensors (norms, biases) are F32 in GGUF files, as the tools expect
-    qtype = _PLAIN_TYPES[data.dtype]
-    return StoredTensor(qtype, [data.contiguous().view(torch.uint8).numpy()])
+def _plain(name: str, tensor: torch.Tensor, planned: tuple | None = None) -> StoredTensor:
+    """`tensor` as a plain GGUF tensor; with `planned`, `tensor` is on the meta device and its bytes are read
+    when the writer reaches them."""
+    if planned is None:
+        data = _plain_bytes(name, tensor.detach().to("cpu"))
+        return StoredTensor(_plain_type(name, tuple(tensor.shape), tensor.dtype)[0], [data])
+    reads: _OrderedReads = planned[2]
+    module_name, _, key = name.rpartition(".")
+    qtype, byte_shape = _plain_type(name, tuple(tensor.shape), reads.dtype(module_name, key))
+    return StoredTensor(qtype, [LazyPart(byte_shape, lambda: _plain_bytes(name, reads.read(name)), source=name)])
+
+
+def _plain_type(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[str, tuple[int, ...]]:
+    """The GGML type and the byte shape (see `StoredTensor`) a tensor of `shape` and `dtype` is written with:
+    1-D tensors (norms, biases) as F32, lossless, as the tools expect; a 0-d tensor as one element."""
+    if dtype not in _PLAIN_TYPES:
+        raise ValueError(f"tensor {name!r} is {dtype}; a .gguf file stores float32, float16 or bfloat16 tensors")
+    shape = shape or (1,)
+    stored = torch.float32 if len(shape) == 1 else dtype
+    return _PLAIN_TYPES[stored], (*shape[:-1], shape[-1] * stored.itemsize)
+
+
+def _plain_bytes(name: str, tensor: torch.Tensor) -> np.ndarray:
+    """The bytes `_plain_type` describes, uint8."""
+    qtype, _ = _plain_type(name, tuple(tensor.shape), tensor.dtype)
+    data = tensor.reshape(tensor.shape or (1,)).to(_TYPE_DTYPES[qtype])
+    return data.contiguous().view(torch.uint8).numpy()
+
+
+class _OrderedReads:
+    """The checkpoint tensors `export_gguf` reads, loaded as `load_model` loads them, read ahead in write order."""
+
+    def __init__(self, checkpoint: ComponentCheckpoint, key_map: dict[str, str], loading: TensorLoading) -> None:
+        self._checkpoint = checkpoint
+        self._key_map = key_map
+        self._loading = loading
+        self._position: dict[str, int] = {}
+        self._ahead: ReadAhead | None = None
+        #: GGUF layers made for one part and waiting for the other: name -> [layer, parts left]
+        self._layers: dict[str, list] = {}
+
+    def dtype(self, module_name: str, tensor_name: str) -> torch.dtype:
+        """The dtype the tensor has once loaded."""
+        full_name = f"{module_name}.{tensor_name}" if module_name else tensor_name
+        if full_name not in self._key_map:
+            raise ValueError(
+                f"{self._checkpoint.folder} holds no {full_name!r} (the model makes it when built), so it cannot be "
+                "exported without building the model: use save_gguf(load_model(...), path) instead."
+            )
+        key = self._key_map[full_name]
+        return self._loading.stored_dtype(module_name, SAFETENSORS_DTYPES[self._checkpoint.dtype(key)])
+
+    def read(self, full_name: str) -> torch.Tensor:
+        key = self._key_map[full_name]
+        if self._ahead is not None and key in self._position:
+            self._ahead.reached(self._position[key])
+        return self._loading.cast_stored(full_name.rpartition(".")[0], self._checkpoint.read(key))
+
+    def layer_part(self, module_name: str, tensor_name: str, config: GGUFQuantizationConfig) -> Callable[[], np.ndarray]:
+        """Makes the bytes of the GGUF layer's `tensor_name` ("weight": its GGML blocks, "bias": a plain tensor),
+        from the layer the backend makes while loading (same codec, fallback and bias dtype). The layer is made
+        when the first of its parts is reached and kept until the other is."""
+
+        def make() -> np.ndarray:
+            if module_name not in self._layers:
+                self._layers[module_name] = [self._quantized(module_name, config), self._part_count(module_name)]
+            entry = self._layers[module_name]
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._layers[module_name]
+            tensor = getattr(entry[0], tensor_name)
+            return tensor.numpy() if tensor_name == "weight" else _plain_bytes(module_name, tensor)
+
+        return make
+
+    def _part_count(self, module_name: str) -> int:
+        return 2 if f"{module_name}.bias" in self._key_map or (not module_name and "bias" in self._key_map) else 1
+
+    def _quantized(self, module_name: str, config: GGUFQuantizationConfig) -> nn.Module:
+        prefix = f"{module_name}." if module_name else ""
+        weight = self.read(prefix + "weight")
+        bias = self.read(prefix + "bias") if self._part_count(module_name) == 2 else None
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+        linear.weight = nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            linear.bias = nn.Parameter(bias, requires_grad=False)
+        return get_backend("gguf").quantize(module_name, linear, config, torch.device("cpu"))
+
+    @contextlib.contextmanager
+    def ahead(self, tensors: dict[str, StoredTensor]) -> Iterator[None]:
+        """Read ahead in the order the writer makes `tensors` (BFL stacking keeps each tensor's parts in order)."""
+        sources = [part.source for tensor in tensors.values() for part in tensor.parts if isinstance(part, LazyPart)]
+        keys = [self._key_map[source] for source in sources]
+        self._position = {key: index for index, key in enumerate(keys)}
+        with self._checkpoint.read_ahead(keys) as self._ahead:
+            yield
+        self._ahead = None
 
 
 def _model_config(model: nn.Module) -> dict | None:

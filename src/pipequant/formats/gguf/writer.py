@@ -2,7 +2,7 @@
 
 Tensors are declared first and their bytes produced one at a time while the data section is
 written, so a file is written with one tensor (one stacked BFL tensor at most) in memory beyond
-the model. The file goes to a temporary name beside the target and is renamed over it only once
+the model, or beyond nothing when the parts are made on demand (`LazyPart`). The file goes to a temporary name beside the target and is renamed over it only once
 complete and synced: a failed or killed write leaves no partial file under the target's name, and
 the next write to the same path removes the temporary a killed one left (`atomic.py`).
 """
@@ -10,9 +10,11 @@ the next write to the same path removes the temporary a killed one left (`atomic
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,16 +27,38 @@ from .metadata import FILE_TYPES
 MAX_NAME_LENGTH = 127
 
 
+@dataclasses.dataclass(frozen=True)
+class LazyPart:
+    """Bytes made only when the writer reaches them (`make()` returns uint8 of `shape`): a file is then written
+    with one tensor in memory, not the whole model (see `saving.export_gguf`)."""
+
+    shape: tuple[int, ...]
+    make: Callable[[], np.ndarray]
+    #: the name of the model tensor the bytes come from (for reading the checkpoint ahead in the file's order)
+    source: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape)
+
+    def load(self) -> np.ndarray:
+        data = self.make()
+        if data.shape != self.shape or data.dtype != np.uint8:
+            raise AssertionError(f"a lazy part made {data.dtype} {data.shape}, not the uint8 {self.shape} declared")
+        return data
+
+
 @dataclasses.dataclass
 class StoredTensor:
     """One tensor to write: its GGML type and its bytes, as row-stacked parts.
 
     Each part is uint8 with the bytes of one row of blocks along its last axis (a plain tensor's
-    bytes viewed as uint8). `swap_halves` swaps the two row halves of the (single) part.
+    bytes viewed as uint8), in memory or made on demand (`LazyPart`). `swap_halves` swaps the two
+    row halves of the stacked parts.
     """
 
     ggml_type: str
-    parts: list[np.ndarray]
+    parts: list[np.ndarray | LazyPart]
     swap_halves: bool = False
 
     @property
@@ -47,7 +71,8 @@ class StoredTensor:
         return sum(part.nbytes for part in self.parts)
 
     def materialize(self) -> np.ndarray:
-        data = self.parts[0] if len(self.parts) == 1 else np.concatenate(self.parts)
+        parts = [part.load() if isinstance(part, LazyPart) else part for part in self.parts]
+        data = parts[0] if len(parts) == 1 else np.concatenate(parts)
         if self.swap_halves:
             half = data.shape[0] // 2
             data = np.concatenate((data[half:], data[:half]))
