@@ -8,6 +8,8 @@ shard in memory), then loads it in fresh processes with the page cache dropped b
 - a plain sequential read of the same files: the floor any load of them pays;
 - pipequant in every CPU mode (bnb nf4, bnb int8, torchao int8wo, quanto int8, GGUF Q8_0, Q4_K);
 - diffusers where it runs on CPU (torchao int8wo, quanto int8);
+- the streamed export to a Q4_K .gguf file beside FOLDER (`export_gguf`, as `pipequant quantize --out x.gguf`),
+  against the larger of the read floor, the Q4_K load and a plain write of the file's size;
 
 Prints load time, time / read floor, time / diffusers, anonymous peak and RSS high-water mark
 against (quantized bytes + largest layer), and writes bench/results/big.md.
@@ -152,9 +154,11 @@ def _diffusers_quanto_int8():
     return QuantoConfig(weights_dtype="int8")
 
 
-# name -> (library, mode, config factory); "read" is the floor, "export-q4_k" writes a .gguf
+# name -> (library, mode, config factory); "read" and "write" are the disk's floors, "export-gguf-q4_k"
+# writes the Q4_K .gguf file (`pipequant quantize --out x.gguf`) instead of loading
 CASES = {
     "read": ("plain read", "sequential read of every shard", None),
+    "write": ("plain write", "sequential write of the Q4_K file's size, synced", None),
     "pipequant-nf4": (
         "pipequant", "bnb nf4", _ours("BitsAndBytesConfig", load_in_4bit=True, bnb_4bit_quant_type="nf4")
     ),
@@ -165,6 +169,7 @@ CASES = {
     "diffusers-quanto-int8": ("diffusers", "quanto int8", _diffusers_quanto_int8),
     "pipequant-gguf-q8_0": ("pipequant", "gguf Q8_0", _ours("GGUFQuantizationConfig", quant_type="Q8_0")),
     "pipequant-gguf-q4_k": ("pipequant", "gguf Q4_K", _ours("GGUFQuantizationConfig", quant_type="Q4_K")),
+    "export-gguf-q4_k": ("export", "gguf Q4_K to .gguf", _ours("GGUFQuantizationConfig", quant_type="Q4_K")),
 }
 
 
@@ -190,6 +195,29 @@ def plain_read(folder: Path) -> int:
     return total
 
 
+def plain_write(path: Path, nbytes: int) -> int:
+    """Write `nbytes` to `path` in 16 MiB pieces and sync: the floor of writing a file that size."""
+    buffer = bytes(16 * 2**20)
+    written = 0
+    with open(path, "wb", buffering=0) as file:
+        while written < nbytes:
+            written += file.write(buffer[: min(len(buffer), nbytes - written)])
+        os.fsync(file.fileno())
+    return written
+
+
+def q4_k_nbytes(folder: Path) -> int:
+    """The bytes of the transformer in Q4_K (what its .gguf file holds, less the header)."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    import pipequant
+    from pipequant.planning.sizing import estimate_component
+
+    config = pipequant.GGUFQuantizationConfig(quant_type="Q4_K")
+    return estimate_component("transformer", FluxTransformer2DModel, folder, config, torch.bfloat16).bytes_after
+
+
 def run_case(name: str, folder: Path) -> dict:
     """In the child process: imports first, then only the load is measured."""
     import torch
@@ -200,21 +228,30 @@ def run_case(name: str, folder: Path) -> dict:
 
     library, _, make_config = CASES[name]
     config = make_config() if make_config is not None else None
-    if library == "pipequant":
+    output = folder.parent / f"{folder.name}-bench-output"
+    output.unlink(missing_ok=True)
+    write_bytes = q4_k_nbytes(folder) if library == "plain write" else 0
+    if library in ("pipequant", "export"):
         backend = pipequant.backends.backend_for(config)
         backend.require()
         __import__(backend.module_name)
     baseline = anonymous_bytes()
     started = time.perf_counter()
     with PeakSampler() as sampler:
+        model = None
         if library == "plain read":
             plain_read(folder)
-            model = None
+        elif library == "plain write":
+            plain_write(output, write_bytes)
+        elif library == "export":
+            pipequant.export_gguf(FluxTransformer2DModel, folder, config, output.with_suffix(".gguf"), torch_dtype=torch.bfloat16)
         elif library == "diffusers":
             model = FluxTransformer2DModel.from_pretrained(folder, dtype=torch.bfloat16, quantization_config=config)
         else:
             model = pipequant.load_model(FluxTransformer2DModel, folder, config, torch_dtype=torch.bfloat16)
     seconds = time.perf_counter() - started
+    output.unlink(missing_ok=True)
+    output.with_suffix(".gguf").unlink(missing_ok=True)
     return {
         "seconds": seconds,
         "peak_above_baseline": sampler.peak - baseline,
@@ -270,10 +307,12 @@ def main() -> None:
 
 def print_and_write(rows: dict[str, dict], largest: int, cold: bool) -> None:
     header = [
-        "case", "mode", "runs", "load s (median)", "/ read floor", "/ diffusers", "model GB", "anon peak GB",
-        "anon / (model + largest)", "RSS high-water GB", "RSS / (model + largest)",
+        "case", "mode", "runs", "s (median)", "/ read floor", "/ diffusers", "/ max(read, Q4_K load, write)",
+        "model GB", "anon peak GB", "anon / (model + largest)", "RSS high-water GB", "RSS / (model + largest)",
     ]
     floor = rows.get("read", {}).get("seconds")
+    parts = [rows.get(name, {}).get("seconds") for name in ("read", "pipequant-gguf-q4_k", "write")]
+    export_bound = max(parts) if all(parts) else None
     lines = []
     for name, r in rows.items():
         library, mode, _ = CASES[name]
@@ -282,8 +321,9 @@ def print_and_write(rows: dict[str, dict], largest: int, cold: bool) -> None:
         quantized = r["model_bytes"] > 0
         lines.append([
             name, mode, str(r["n"]), f"{r['seconds']:.1f}",
-            f"{r['seconds'] / floor:.2f}" if floor and name != "read" else "-",
+            f"{r['seconds'] / floor:.2f}" if floor and name not in ("read", "write") else "-",
             f"{r['seconds'] / theirs['seconds']:.2f}" if theirs else "-",
+            f"{r['seconds'] / export_bound:.2f}" if export_bound and name == "export-gguf-q4_k" else "-",
             f"{r['model_bytes'] / 1e9:.2f}" if quantized else "-",
             f"{r['peak_above_baseline'] / 1e9:.2f}",
             f"{r['peak_above_baseline'] / bound:.2f}" if quantized else "-",
