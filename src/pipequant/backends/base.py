@@ -330,7 +330,9 @@ def stored_linear(module: nn.Module, backend_name: str) -> nn.Linear:
     """`module` as the linear layer a stored layer is rebuilt on; ValueError (which the loader reports with the
     file's name) when the model has another kind of layer under the stored layer's name."""
     if not isinstance(module, nn.Linear):
-        raise ValueError(f"{backend_name} weights are loaded into linear layers only, and this layer is a {type(module).__name__}")
+        raise ValueError(
+            f"{backend_name} weights are loaded into linear layers only, and this layer is a {type(module).__name__}"
+        )
     return module
 
 

@@ -33,7 +33,9 @@ class BitsAndBytes4bitBackend(Backend[BitsAndBytesConfig]):
     config_class = BitsAndBytesConfig
     module_name = "bitsandbytes"
     pip_extra = "bitsandbytes"
-    cli_help = "bitsandbytes Linear4bit, nf4 or fp4 (bnb_4bit_quant_type, bnb_4bit_use_double_quant, bnb_4bit_compute_dtype)"
+    cli_help = (
+        "bitsandbytes Linear4bit, nf4 or fp4 (bnb_4bit_quant_type, bnb_4bit_use_double_quant, bnb_4bit_compute_dtype)"
+    )
     simple_form_defaults = {"load_in_4bit": True}
     presets = {
         "bnb-nf4": {"bnb_4bit_quant_type": "nf4"},

@@ -1,0 +1,77 @@
+"""The registry of backends: what each backend declares (presets, help, pip extra) and everything that reads it."""
+
+from __future__ import annotations
+
+import re
+import sys
+import tomllib
+import typing
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pipequant import MissingBackendError
+from pipequant.backends import backend_names, backends, config_classes, get_backend
+from pipequant.cli import app
+from pipequant.presets import PLAN_CANDIDATES, PRESETS, preset
+
+PYPROJECT = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+EXTRAS: dict[str, list[str]] = PYPROJECT["project"]["optional-dependencies"]
+
+
+def requirement_names(requirements: list[str]) -> set[str]:
+    return {re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0].lower() for requirement in requirements}
+
+
+@pytest.mark.parametrize("backend", backends(), ids=lambda backend: backend.name)
+def test_each_declared_extra_is_in_pyproject_and_installs_the_backends_library(backend):
+    assert backend.pip_extra in EXTRAS, f"pyproject.toml has no extra {backend.pip_extra!r}"
+    distribution = backend.module_name.replace(".", "-")  # "optimum.quanto" is the distribution optimum-quanto
+    assert distribution in requirement_names(EXTRAS[backend.pip_extra])
+    assert distribution in requirement_names(EXTRAS["all"])
+
+
+@pytest.mark.parametrize("backend", backends(), ids=lambda backend: backend.name)
+def test_a_missing_library_is_an_error_naming_the_extra(backend, monkeypatch):
+    monkeypatch.setitem(sys.modules, backend.module_name, None)  # how importlib sees a package that is not installed
+    with pytest.raises(MissingBackendError, match=re.escape(f"pip install 'pipequant[{backend.pip_extra}]'")):
+        backend.require()
+
+
+@pytest.mark.parametrize("backend", backends(), ids=lambda backend: backend.name)
+def test_a_backend_is_generic_in_the_config_class_it_declares(backend):
+    (generic_base,) = [base for base in type(backend).__orig_bases__ if typing.get_origin(base) is not None]
+    assert typing.get_args(generic_base) == (backend.config_class,)
+
+
+def test_names_and_modes_are_unique_and_listed_in_registry_order():
+    names = [backend.name for backend in backends()]
+    assert len(set(names)) == len(names) and sorted(names) == backend_names()
+    declared = [mode for backend in backends() for mode in backend.presets]
+    assert len(set(declared)) == len(declared), "two backends declare the same mode"
+    assert list(PRESETS) == declared
+    assert PLAN_CANDIDATES == tuple(mode for backend in backends() for mode in backend.plan_candidates)
+    methods = [config_class.quant_method for config_class in config_classes()]
+    assert len(set(methods)) == len(methods)
+
+
+@pytest.mark.parametrize("mode", list(PRESETS))
+def test_each_mode_builds_a_config_of_the_backend_that_declares_it(mode):
+    owner = next(backend for backend in backends() if mode in backend.presets)
+    config = preset(mode)
+    assert isinstance(config, owner.config_class) and config.backend_name == owner.name
+    assert get_backend(config.backend_name) is owner
+
+
+def test_plan_candidates_are_modes_of_their_backend():
+    for backend in backends():
+        assert set(backend.plan_candidates) <= set(backend.presets), backend.name
+
+
+def test_quantize_help_lists_every_backend_with_its_help():
+    result = CliRunner().invoke(app, ["quantize", "--help"], env={"COLUMNS": "400"}, terminal_width=400)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.replace("│", " ").split())
+    for backend in backends():
+        assert f"{backend.name}: {backend.cli_help}" in text
