@@ -10,10 +10,13 @@ from importlib.metadata import packages_distributions
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 from typer.testing import CliRunner
 
 from pipequant import MissingBackendError
-from pipequant.backends import backend_names, backends, config_classes, get_backend
+from pipequant.backends import backend_for, backend_names, backends, config_classes, get_backend
+from pipequant.backends.base import LayerState
 from pipequant.cli import app
 from pipequant.presets import PLAN_CANDIDATES, PRESETS, preset
 
@@ -81,3 +84,11 @@ def test_quantize_help_lists_every_backend_with_its_help():
     text = " ".join(result.output.replace("│", " ").split())
     for backend in backends():
         assert f"{backend.name}: {backend.cli_help}" in text
+
+
+def test_a_stored_layer_is_rebuilt_only_into_a_linear_layer(each_backend):
+    """A checkpoint whose layer name belongs to another kind of layer in the model is a ValueError, which the
+    loader reports as a `CheckpointError` naming the file."""
+    conv = nn.Conv2d(4, 4, 1, device="meta")
+    with pytest.raises(ValueError, match="linear layers only, and this layer is a Conv2d"):
+        backend_for(each_backend).restore(conv, LayerState({}), each_backend, torch.device("cpu"))
