@@ -1,13 +1,11 @@
-"""PipelineQuantizationConfig and BitsAndBytesConfig: both forms, conversion, and every validation error."""
+"""PipelineQuantizationConfig: both forms and every validation error (each backend config's own: tests/backends)."""
 
 from __future__ import annotations
 
 import shutil
 
-import diffusers
 import pytest
 import torch
-import transformers
 
 from pipequant import BitsAndBytesConfig, PipelineQuantizationConfig, QuantizationConfigError, load_pipeline
 from pipequant.backends.base import matches_module_pattern
@@ -59,15 +57,6 @@ def test_misspelled_kwarg_names_it_and_suggests_the_closest():
         PipelineQuantizationConfig(quant_backend="bitsandbytes_4bit", quant_kwargs={"bnb_4bit_quant_typ": "nf4"})
 
 
-def test_kwargs_that_contradict_the_backend_name_are_an_error():
-    with pytest.raises(QuantizationConfigError, match="exactly one of load_in_4bit"):
-        PipelineQuantizationConfig(quant_backend="bitsandbytes_4bit", quant_kwargs={"load_in_8bit": True})
-    with pytest.raises(QuantizationConfigError, match="describe 'bitsandbytes_8bit'"):
-        PipelineQuantizationConfig(
-            quant_backend="bitsandbytes_4bit", quant_kwargs={"load_in_4bit": False, "load_in_8bit": True}
-        )
-
-
 def test_component_not_in_pipeline_lists_the_components():
     config = PipelineQuantizationConfig(quant_backend="bitsandbytes_4bit", components_to_quantize=["transfomer"])
     with pytest.raises(QuantizationConfigError, match=r"no component 'transfomer'.*Did you mean 'transformer'.*vae"):
@@ -94,54 +83,6 @@ def test_bad_config_errors_come_before_any_weight_is_read(flux_path, tmp_path):
     config = PipelineQuantizationConfig(quant_backend="bitsandbytes_4bit", components_to_quantize=["unet"])
     with pytest.raises(QuantizationConfigError, match="no component 'unet'"):
         load_pipeline(broken, quantization_config=config)
-
-
-def test_transformers_config_converts_with_every_setting():
-    theirs = transformers.BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-        llm_int8_skip_modules=["proj_out"],
-    )
-    config = PipelineQuantizationConfig(quant_mapping={"text_encoder_2": theirs})
-    ours = config.resolve(MODELS, OTHERS)["text_encoder_2"]
-    assert isinstance(ours, BitsAndBytesConfig)
-    assert ours == BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-        bnb_4bit_quant_storage=torch.uint8,
-        llm_int8_skip_modules=["proj_out"],
-    )
-    assert ours.excluded("x.proj_out")
-
-
-def test_diffusers_config_converts_and_refuses_what_it_cannot_honour():
-    ours = PipelineQuantizationConfig(
-        quant_mapping={"transformer": diffusers.BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=4.0)}
-    ).quant_mapping["transformer"]
-    assert ours.load_in_8bit and ours.llm_int8_threshold == 4.0
-    offload = diffusers.BitsAndBytesConfig(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=True)
-    with pytest.raises(QuantizationConfigError, match="llm_int8_enable_fp32_cpu_offload"):
-        PipelineQuantizationConfig(quant_mapping={"transformer": offload})
-
-
-def test_compute_dtype_is_honoured_as_the_4bit_compute_dtype():
-    assert BitsAndBytesConfig(load_in_4bit=True, compute_dtype=torch.bfloat16).bnb_4bit_compute_dtype is torch.bfloat16
-    assert BitsAndBytesConfig(load_in_4bit=True, compute_dtype="float16").bnb_4bit_compute_dtype is torch.float16
-    with pytest.raises(QuantizationConfigError, match="disagree"):
-        BitsAndBytesConfig(load_in_4bit=True, compute_dtype=torch.float16, bnb_4bit_compute_dtype=torch.bfloat16)
-
-
-def test_bitsandbytes_config_validates_its_values():
-    with pytest.raises(QuantizationConfigError, match="exactly one"):
-        BitsAndBytesConfig()
-    with pytest.raises(QuantizationConfigError, match="nf4, fp4"):
-        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="int4")
-    with pytest.raises(QuantizationConfigError, match="not a torch dtype"):
-        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype="bfloat17")
 
 
 def test_configs_print_readably():

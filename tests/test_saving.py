@@ -14,10 +14,8 @@ import bitsandbytes as bnb
 import numpy as np
 import pytest
 import torch
-import transformers
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import T5EncoderModel
 
 from pipequant import (
     BitsAndBytesConfig,
@@ -27,7 +25,6 @@ from pipequant import (
     QuantizationConfigError,
     QuantoConfig,
     TorchAoConfig,
-    load_model,
     load_pipeline,
     save_model,
     save_pipeline,
@@ -161,78 +158,6 @@ def test_reload_in_fresh_process_gives_identical_bytes_and_image(flux_path: Path
     assert layer_class in result["layers"]
     assert result["configs"] == {name: config.to_dict() for name in QUANTIZED}
     np.testing.assert_array_equal(reloaded, expected)
-
-
-def quantized_t5(flux_path: Path, mode: str) -> T5EncoderModel:
-    return load_model(T5EncoderModel, flux_path / "text_encoder_2", BitsAndBytesConfig(**MODES[mode]))
-
-
-def stored_keys(folder: Path) -> set[str]:
-    keys = set()
-    for path in folder.glob("*.safetensors"):
-        with safe_open(path, "pt") as handle:
-            keys.update(handle.keys())
-    return keys
-
-
-IDS = torch.tensor([[5, 17, 42, 99, 1]])
-TRANSFORMERS_CONFIGS = {
-    "nf4": transformers.BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
-    ),
-    "int8": transformers.BitsAndBytesConfig(load_in_8bit=True),
-}
-
-
-@pytest.mark.parametrize("mode", ["nf4", "int8"])
-def test_transformers_loads_our_saved_text_encoder(flux_path: Path, tmp_path: Path, mode: str, assert_same_state) -> None:
-    ours = quantized_t5(flux_path, mode)
-    folder = save_model(ours, tmp_path / "t5")
-    theirs = T5EncoderModel.from_pretrained(folder)  # transformers 5 runs bitsandbytes on CPU
-    layer = theirs.encoder.block[0].layer[0].SelfAttention.q
-    assert isinstance(layer, bnb.nn.Linear8bitLt if mode == "int8" else bnb.nn.Linear4bit)
-    assert_same_state(ours, theirs)
-    # the same bytes; bitsandbytes' own repacked CPU kernel (which transformers' layers use) rounds differently
-    torch.testing.assert_close(theirs(IDS).last_hidden_state, ours(IDS).last_hidden_state, atol=1e-4, rtol=0)
-
-
-@pytest.mark.parametrize("mode", ["nf4", "int8"])
-def test_we_load_what_transformers_saves(flux_path: Path, tmp_path: Path, mode: str, assert_same_state) -> None:
-    theirs = T5EncoderModel.from_pretrained(flux_path / "text_encoder_2", quantization_config=TRANSFORMERS_CONFIGS[mode])
-    theirs.save_pretrained(tmp_path / "theirs")
-    save_model(quantized_t5(flux_path, mode), tmp_path / "ours")
-
-    # the same tensor names and the same quantization_config, key for key; a compute dtype left
-    # unset stays null in ours (bitsandbytes then follows the input), transformers writes float32
-    assert stored_keys(tmp_path / "ours") == stored_keys(tmp_path / "theirs")
-    config_of = lambda name: json.loads((tmp_path / name / "config.json").read_text())["quantization_config"]  # noqa: E731
-    unset = {"bnb_4bit_compute_dtype": None} if MODES[mode].get("bnb_4bit_compute_dtype") is None else {}
-    assert config_of("ours") == {**config_of("theirs"), **unset}
-
-    reloaded = load_model(T5EncoderModel, tmp_path / "theirs")
-    assert_same_state(theirs, reloaded)
-    assert reloaded.pipequant_record.config.backend_name == f"bitsandbytes_{'8' if mode == 'int8' else '4'}bit"
-
-
-def test_pipeline_with_a_transformers_saved_component_loads(flux_path: Path, tmp_path: Path, assert_same_state) -> None:
-    folder = tmp_path / "pipe"
-    shutil.copytree(flux_path, folder)
-    shutil.rmtree(folder / "text_encoder_2")
-    theirs = T5EncoderModel.from_pretrained(flux_path / "text_encoder_2", quantization_config=TRANSFORMERS_CONFIGS["nf4"])
-    theirs.save_pretrained(folder / "text_encoder_2")
-    pipe = load_pipeline(folder)
-    assert isinstance(pipe.text_encoder_2.encoder.block[0].layer[0].SelfAttention.q, bnb.nn.Linear4bit)
-    assert_same_state(theirs, pipe.text_encoder_2)
-    assert image(pipe).shape == (64, 64, 3)
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="diffusers runs bitsandbytes on a GPU")
-def test_diffusers_refuses_bitsandbytes_without_a_gpu(saved_nf4: Path) -> None:
-    """Our folders use diffusers' names and config; diffusers 0.42 itself loads bitsandbytes only on a GPU."""
-    from diffusers import FluxTransformer2DModel
-
-    with pytest.raises(RuntimeError, match="No GPU found"):
-        FluxTransformer2DModel.from_pretrained(saved_nf4 / "transformer")
 
 
 @pytest.fixture(scope="module")

@@ -165,20 +165,34 @@ def demo(
     console.print(f"Generated {image.size[0]}x{image.size[1]} image in {time.perf_counter() - started:.2f} s: {image_path}")
 
 
+def _backends_help() -> str:
+    """`--backend`'s help: every registered backend with what its layers become and its main options."""
+    from .backends import backends
+
+    return "Quantization backend: " + "; ".join(f"{backend.name}: {backend.cli_help}" for backend in backends()) + "."
+
+
 @app.command()
 def quantize(
     path: str = typer.Argument(..., help="Pipeline folder or Hub repo id."),
-    backend: str = typer.Option(..., help="Quantization backend (bitsandbytes_4bit, bitsandbytes_8bit, torchao, quanto, gguf)."),
-    out: Path = typer.Option(..., help="Folder for the quantized pipeline, or a .gguf file (gguf backend: one component)."),
+    backend: str = typer.Option(..., help=_backends_help()),
+    out: Path = typer.Option(..., help="Folder for the quantized pipeline, or a .gguf file (one GGUF-quantized component)."),
     components: list[str] = typer.Option(
         [], "--component", "--components", help="Component to quantize (repeatable; default: every model component)."
     ),
-    kwargs: list[str] = typer.Option([], "--kwargs", help="KEY=VALUE option of the backend's config (repeatable), e.g. bnb_4bit_quant_type=nf4."),
-    qtype: str = typer.Option(None, "--type", help="GGML type for the gguf backend, e.g. Q4_K, Q6_K, Q8_0."),
-    rule: list[str] = typer.Option([], "--rule", help="gguf: PATTERN=TYPE, a per-layer type, first match wins (repeatable)."),
+    kwargs: list[str] = typer.Option(
+        [], "--kwargs", help="KEY=VALUE option of the backend's config (repeatable; its options: see --backend)."
+    ),
+    qtype: str = typer.Option(None, "--type", help="The config's quant_type, the same as --kwargs quant_type=TYPE."),
+    rule: list[str] = typer.Option(
+        [], "--rule", help="PATTERN=TYPE, an entry of the config's type_rules: a per-layer type, first match wins "
+        "(repeatable)."
+    ),
     keep: list[str] = typer.Option([], "--keep", help="Module pattern kept in full precision (repeatable)."),
     dtype: str = typer.Option(None, help="Load dtype, e.g. bfloat16 (default: as stored)."),
-    layout: str = typer.Option("auto", help="gguf: tensor names, auto, bfl (Flux, for ComfyUI-GGUF / sd.cpp) or diffusers."),
+    layout: str = typer.Option(
+        "auto", help=".gguf output: tensor names, auto, bfl (Flux, for ComfyUI-GGUF / sd.cpp) or diffusers."
+    ),
     overwrite: bool = typer.Option(False, help="Replace an existing output."),
 ) -> None:
     """Quantize as the weights stream in, then save: a pipeline folder that reloads without quantizing, or a .gguf file."""

@@ -1,7 +1,9 @@
 """Named quantization modes ("bnb-nf4", "gguf-Q4_K", ...): short names for one backend config each.
 
 The planner chooses among them, and the command line accepts them wherever it takes a backend
-(``--config bnb-nf4:transformer``). Each call builds a fresh config, since configs are mutable.
+(``--config bnb-nf4:transformer``). Each backend declares its own (`Backend.presets`,
+`Backend.plan_candidates`); this module lists them in registry order. Each call builds a fresh
+config, since configs are mutable.
 """
 
 from __future__ import annotations
@@ -11,26 +13,17 @@ from typing import Any
 
 import torch
 
-from .backends import backend_for, get_backend
+from .backends import backend_for, backends, get_backend
 from .backends.base import BackendConfig, MissingBackendError, QuantizationConfigError
-from .backends.gguf.config import GGUF_TYPES
 from .config import PipelineQuantizationConfig
 
 #: mode name -> (backend name, its quant_kwargs in `PipelineQuantizationConfig`'s simple form)
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
-    "bnb-nf4": ("bitsandbytes_4bit", {"bnb_4bit_quant_type": "nf4"}),
-    "bnb-nf4-dq": ("bitsandbytes_4bit", {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}),
-    "bnb-fp4": ("bitsandbytes_4bit", {"bnb_4bit_quant_type": "fp4"}),
-    "bnb-int8": ("bitsandbytes_8bit", {}),
-    **{f"torchao-{t}": ("torchao", {"quant_type": t}) for t in ("int8wo", "int8dq", "int4dq", "float8wo", "uint4wo")},
-    **{f"quanto-{t}": ("quanto", {"weights_dtype": t}) for t in ("int8", "int4", "int2", "float8")},
-    **{f"gguf-{t}": ("gguf", {"quant_type": t}) for t in GGUF_TYPES},
+    mode: (backend.name, dict(kwargs)) for backend in backends() for mode, kwargs in backend.presets.items()
 }
 
-#: what `plan` weighs by default: the common modes of each backend, from 8 bits down to 4
-PLAN_CANDIDATES: tuple[str, ...] = (
-    "bnb-nf4", "bnb-int8", "torchao-int8wo", "quanto-int8", "quanto-int4", "gguf-Q8_0", "gguf-Q6_K", "gguf-Q4_K",
-)
+#: what `plan` weighs by default: each backend's common modes, from 8 bits down to 4
+PLAN_CANDIDATES: tuple[str, ...] = tuple(mode for backend in backends() for mode in backend.plan_candidates)
 
 
 def preset(name: str) -> BackendConfig:

@@ -16,7 +16,7 @@ import importlib
 import importlib.util
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Iterable, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 from torch import nn
@@ -84,10 +84,8 @@ class BackendConfig:
     `modules_to_not_convert` keeps matching layers in full precision (see `matches_module_pattern`).
     """
 
-    backend_name: ClassVar[str]
-    #: `quant_method` in a saved component's config.json, where it differs from `backend_name`
-    #: (diffusers and transformers write "bitsandbytes" for both bitsandbytes backends)
-    quant_method: ClassVar[str | None] = None
+    #: `quant_method` in a saved component's config.json, as diffusers and transformers write it
+    quant_method: ClassVar[str]
 
     #: keyword-only, so each backend's own options come first positionally, as in diffusers' classes
     modules_to_not_convert: list[str] | None = dataclasses.field(default=None, kw_only=True)
@@ -126,6 +124,12 @@ class BackendConfig:
         """
         raise NotImplementedError(f"{type(self).__name__} has no {library} equivalent")
 
+    @property
+    def backend_name(self) -> str:
+        """The `Backend.name` that runs this config: its `quant_method`, unless one class serves several backends
+        (diffusers and transformers write "bitsandbytes" for both bitsandbytes backends)."""
+        return self.quant_method
+
     def excluded(self, module_name: str) -> bool:
         return matches_module_pattern(module_name, self.modules_to_not_convert or ())
 
@@ -141,7 +145,7 @@ class BackendConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict (dtypes as names), as stored in a saved component's config.json."""
-        out: dict[str, Any] = {"quant_method": self.quant_method or self.backend_name}
+        out: dict[str, Any] = {"quant_method": self.quant_method}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             out[field.name] = str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else value
@@ -179,8 +183,14 @@ class LayerState:
     metadata: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
-class Backend(ABC):
+ConfigT = TypeVar("ConfigT", bound=BackendConfig)
+
+
+class Backend(ABC, Generic[ConfigT]):
     """One quantization backend: which layers it takes, how it quantizes one, and how one is stored.
+
+    Generic in its config class: ``class QuantoBackend(Backend[QuantoConfig])`` receives `QuantoConfig`s only
+    (the loader finds a config's backend by `BackendConfig.backend_name`, see `backends.backend_for`).
 
     Saving and reloading go through three methods, so a saved component comes back without ever
     making full-precision weights and without running the quantizer again:
@@ -206,13 +216,24 @@ class Backend(ABC):
     that would not load back.
     """
 
+    # What a backend declares; the registry (`pipequant.backends`), the named modes (`pipequant.presets`), the
+    # command line and `MissingBackendError` read these, so none of them names a backend.
+
+    #: the ``quant_backend`` name (`BackendConfig.backend_name` of the configs it takes)
     name: ClassVar[str]
-    config_class: ClassVar[type[BackendConfig]]
-    #: import name and pip extra of the library the backend runs on
+    config_class: type[ConfigT]
+    #: import name of the library the backend runs on, and the pip extra that installs it (``pipequant[extra]``,
+    #: one of pyproject.toml's optional-dependencies)
     module_name: ClassVar[str]
     pip_extra: ClassVar[str]
+    #: one line for ``pipequant quantize --help``: what layers become, and the main options
+    cli_help: ClassVar[str]
     #: what the backend's name implies in the simple form when quant_kwargs leave it out
-    simple_form_defaults: ClassVar[dict[str, Any]] = {}
+    simple_form_defaults: ClassVar[Mapping[str, Any]] = {}
+    #: named modes (``"bnb-nf4"``): mode name -> ``quant_kwargs`` of the simple form, in listing order
+    presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    #: the modes among `presets` that `pipequant.plan` weighs by default
+    plan_candidates: ClassVar[tuple[str, ...]] = ()
 
     def require(self) -> None:
         """Fail early, naming the package, when the backend's library is missing."""
@@ -226,7 +247,7 @@ class Backend(ABC):
                 f"Install it with: pip install 'pipequant[{self.pip_extra}]'"
             )
 
-    def check_device(self, config: BackendConfig, device: torch.device) -> None:
+    def check_device(self, config: ConfigT, device: torch.device) -> None:
         """Refuse, before any weight is read, a config that cannot run on `device`."""
 
     def library_quantizer(self, library_config: Any, *, pre_quantized: bool) -> Any:
@@ -242,13 +263,14 @@ class Backend(ABC):
 
         return AutoHfQuantizer.from_config(library_config, pre_quantized=pre_quantized)
 
-    def takes(self, module_name: str, module: nn.Module, config: BackendConfig) -> bool:
+    def takes(self, module_name: str, module: nn.Module, config: ConfigT) -> bool:
         """Whether this backend quantizes `module` (built on the meta device or real)."""
         return type(module) is nn.Linear and not config.excluded(module_name)
 
     @abstractmethod
-    def quantize(self, module_name: str, module: nn.Module, config: BackendConfig, device: torch.device) -> nn.Module:
-        """Quantize layer `module_name`, whose weights are real (on `device`); returns the module to put in its place.
+    def quantize(self, module_name: str, module: nn.Linear, config: ConfigT, device: torch.device) -> nn.Module:
+        """Quantize layer `module_name` (one `takes` accepted), whose weights are real (on `device`); returns the
+        module to put in its place.
 
         The full-precision weights may be released by the caller as soon as this returns.
         """
@@ -262,7 +284,7 @@ class Backend(ABC):
         """A quantized layer's weight as full-precision values, ``(out_features, in_features)``, in the dtype it
         was quantized from (what fusing a LoRA adds its delta to before quantizing again, see `pipequant.lora`)."""
 
-    def requantized(self, module: nn.Module, weight: torch.Tensor, config: BackendConfig) -> nn.Module:
+    def requantized(self, module: nn.Module, weight: torch.Tensor, config: ConfigT) -> nn.Module:
         """A new quantized layer like `module` (made with `config`) for the full-precision `weight`, with
         `module`'s bias: what fusing a LoRA into `module` makes."""
         return self.quantize("", linear_like(module, weight), config, weight.device)
@@ -272,9 +294,7 @@ class Backend(ABC):
         return sum(tensor_nbytes(t) for t in module.state_dict().values())
 
     @abstractmethod
-    def estimate_layer_nbytes(
-        self, module_name: str, module: nn.Module, config: BackendConfig, dtype: torch.dtype
-    ) -> int:
+    def estimate_layer_nbytes(self, module_name: str, module: nn.Linear, config: ConfigT, dtype: torch.dtype) -> int:
         """What `layer_nbytes` will report once `quantize` has made `module` (on meta, loaded in `dtype`).
 
         From shapes alone, so a pipeline's quantized size is known before any weight is read
@@ -297,14 +317,23 @@ class Backend(ABC):
         own |= {name for name, _ in module.named_buffers(recurse=False)}
         return not set(names) <= own
 
-    def restore(
-        self, module: nn.Module, state: LayerState, config: BackendConfig, device: torch.device
-    ) -> nn.Module:
-        """Rebuild a quantized layer from its stored state; `module` is the full-precision layer on meta.
+    def restore(self, module: nn.Module, state: LayerState, config: ConfigT, device: torch.device) -> nn.Module:
+        """Rebuild a quantized layer from its stored state; `module` is the model's layer of that name, on meta.
 
-        Raises ValueError when `state` is not a layer this backend stored.
+        Raises ValueError when `state` is not a layer this backend stored (or `module` not one it rebuilds,
+        see `stored_linear`).
         """
         raise NotImplementedError(f"The {self.name!r} backend cannot restore saved layers yet.")
+
+
+def stored_linear(module: nn.Module, backend_name: str) -> nn.Linear:
+    """`module` as the linear layer a stored layer is rebuilt on; ValueError (which the loader reports with the
+    file's name) when the model has another kind of layer under the stored layer's name."""
+    if not isinstance(module, nn.Linear):
+        raise ValueError(
+            f"{backend_name} weights are loaded into linear layers only, and this layer is a {type(module).__name__}"
+        )
+    return module
 
 
 def linear_like(module: nn.Module, weight: torch.Tensor) -> nn.Linear:

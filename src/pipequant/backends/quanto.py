@@ -17,7 +17,15 @@ from torch import nn
 
 from .. import kernels
 from . import int8_rows, row_blocks
-from .base import Backend, BackendConfig, LayerState, QuantizationConfigError, bias_nbytes, library_module
+from .base import (
+    Backend,
+    BackendConfig,
+    LayerState,
+    QuantizationConfigError,
+    bias_nbytes,
+    library_module,
+    stored_linear,
+)
 
 WEIGHT_DTYPES = ("int2", "int4", "int8", "float8")
 #: int8 is quanto's too, but needs calibration that loading cannot do (see `QuantoConfig`)
@@ -36,7 +44,7 @@ class QuantoConfig(BackendConfig):
     for either library ports by changing the import.
     """
 
-    backend_name: ClassVar[str] = "quanto"
+    quant_method: ClassVar[str] = "quanto"
     foreign_class_names: ClassVar[tuple[str, ...]] = ("QuantoConfig",)
 
     weights_dtype: str = "int8"
@@ -78,7 +86,6 @@ class QuantoConfig(BackendConfig):
             modules_to_not_convert=list(skip) if skip else None,
         )
 
-
     def to_library(self, library: str, dtype: torch.dtype | None) -> Any:
         """transformers' `QuantoConfig(weights, activations)`, or diffusers' `QuantoConfig(weights_dtype)`.
 
@@ -107,16 +114,18 @@ def _synonym(name: str, value: Any, synonym: str, synonym_value: Any, *, default
     return synonym_value
 
 
-class QuantoBackend(Backend):
+class QuantoBackend(Backend[QuantoConfig]):
     name = "quanto"
     config_class = QuantoConfig
     module_name = "optimum.quanto"
     pip_extra = "quanto"
+    cli_help = "optimum-quanto QLinear (weights_dtype: int8, int4, int2, float8; activations_dtype: float8)"
+    presets = {f"quanto-{dtype}": {"weights_dtype": dtype} for dtype in ("int8", "int4", "int2", "float8")}
+    plan_candidates = ("quanto-int8", "quanto-int4")
 
-    def quantize(self, module_name: str, module: nn.Module, config: BackendConfig, device: torch.device) -> nn.Module:
+    def quantize(self, module_name: str, module: nn.Linear, config: QuantoConfig, device: torch.device) -> nn.Module:
         from optimum.quanto import quantize_module
 
-        assert isinstance(config, QuantoConfig) and isinstance(module, nn.Linear)
         activations = f"q{config.activations_dtype}" if config.activations_dtype else None
         layer = quantize_module(module.to(device), weights=f"q{config.weights_dtype}", activations=activations)
         if layer.weight.shape[0] > 1:  # quanto quantizes a one-row weight per tensor
@@ -126,14 +135,13 @@ class QuantoBackend(Backend):
         return layer
 
     def estimate_layer_nbytes(
-        self, module_name: str, module: nn.Module, config: BackendConfig, dtype: torch.dtype
+        self, module_name: str, module: nn.Linear, config: QuantoConfig, dtype: torch.dtype
     ) -> int:
         """Weight data, its scales (and shifts, below 8 bits) in `dtype`, the two activation scales, the bias.
 
         8-bit types keep one byte per weight and a scale per row; int4 / int2 pack 2 / 4 values
         per byte along rows of groups (see `quanto_group_size`), with a scale and a shift per group.
         """
-        assert isinstance(config, QuantoConfig) and isinstance(module, nn.Linear)
         rows, columns = module.out_features, module.in_features
         bits = int(config.weights_dtype.removeprefix("int").removeprefix("float"))
         if bits == 8:
@@ -156,13 +164,11 @@ class QuantoBackend(Backend):
 
     # --- saving and restoring (see Backend); the stored form is QLinear's own state dict ---
 
-    def restore(
-        self, module: nn.Module, state: LayerState, config: BackendConfig, device: torch.device
-    ) -> nn.Module:
+    def restore(self, module: nn.Module, state: LayerState, config: QuantoConfig, device: torch.device) -> nn.Module:
         """A `QLinear` made on meta for the saved types, filled by quanto's own deserializer from the stored tensors."""
         from optimum.quanto import QLinear, qtypes
 
-        assert isinstance(config, QuantoConfig) and isinstance(module, nn.Linear)
+        module = stored_linear(module, self.name)
         activations = qtypes[f"q{config.activations_dtype}"] if config.activations_dtype else None
         weights = qtypes[f"q{config.weights_dtype}"]
         layer = QLinear.qcreate(module, weights=weights, activations=activations, device="meta")

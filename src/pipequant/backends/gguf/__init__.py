@@ -2,7 +2,8 @@
 `GGUFLinear` layer, and .gguf file reading and writing.
 
 The codecs and the layer need the ``gguf`` package (its type tables); they are imported on first
-use, so `GGUFQuantizationConfig` (in `.config`) can be built and validated without it installed.
+use, so `GGUFQuantizationConfig` (in `.config`) can be built and validated without it installed, and the
+backend (`.backend`, the registry's `BACKENDS`) registered.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import importlib
 from typing import Any
 
 _LAZY = {
+    "BACKENDS": ".backend",
     "GGML_TYPES": ".quants",
     "block_size": ".quants",
     "dequantize": ".quants",

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..base import Backend, BackendConfig, LayerState, QuantizationConfigError, linear_like
+from ..base import Backend, LayerState, QuantizationConfigError, linear_like, stored_linear
 from .config import GGUF_TYPES, GGUFQuantizationConfig, fitting_type, row_nbytes
 
 TYPE_TENSOR = "weight_type"
@@ -43,13 +43,16 @@ def type_name(type_id_value: int) -> str:
     return name
 
 
-class GGUFBackend(Backend):
+class GGUFBackend(Backend[GGUFQuantizationConfig]):
     name = "gguf"
     config_class = GGUFQuantizationConfig
     module_name = "gguf"
     pip_extra = "gguf"
+    cli_help = "GGML blocks in GGUFLinear (quant_type, e.g. Q4_K, Q6_K, Q8_0; type_rules per layer)"
+    presets = {f"gguf-{quant_type}": {"quant_type": quant_type} for quant_type in GGUF_TYPES}
+    plan_candidates = ("gguf-Q8_0", "gguf-Q6_K", "gguf-Q4_K")
 
-    def check_device(self, config: BackendConfig, device: torch.device) -> None:
+    def check_device(self, config: GGUFQuantizationConfig, device: torch.device) -> None:
         """The codecs are plain torch and run anywhere; what is refused is quantizing without a type."""
         _require_quant_type(config)
 
@@ -59,18 +62,18 @@ class GGUFBackend(Backend):
 
         return GGUFLayersQuantizer(library_config)
 
-    def quantize(self, module_name: str, module: nn.Module, config: BackendConfig, device: torch.device) -> nn.Module:
+    def quantize(
+        self, module_name: str, module: nn.Linear, config: GGUFQuantizationConfig, device: torch.device
+    ) -> nn.Module:
         from .linear import quantize_linear
 
-        assert isinstance(config, GGUFQuantizationConfig) and isinstance(module, nn.Linear)
         return quantize_linear(module, config.type_for(module_name), config.compute_dtype, module_name, device)
 
     def estimate_layer_nbytes(
-        self, module_name: str, module: nn.Module, config: BackendConfig, dtype: torch.dtype
+        self, module_name: str, module: nn.Linear, config: GGUFQuantizationConfig, dtype: torch.dtype
     ) -> int:
         """Exact: the rows of the type the layer gets (fallbacks included) plus the bias in the compute dtype."""
         _require_quant_type(config)
-        assert isinstance(config, GGUFQuantizationConfig) and isinstance(module, nn.Linear)
         stored = fitting_type(config.type_for(module_name), module.in_features, dtype)
         bias = 0 if module.bias is None else module.out_features * (config.compute_dtype or dtype).itemsize
         return module.out_features * row_nbytes(stored, module.in_features) + bias
@@ -80,7 +83,7 @@ class GGUFBackend(Backend):
 
         return isinstance(module, GGUFLinear)
 
-    def requantized(self, module: nn.Module, weight: torch.Tensor, config: BackendConfig) -> nn.Module:
+    def requantized(self, module: nn.Module, weight: torch.Tensor, config: GGUFQuantizationConfig) -> nn.Module:
         """In the layer's own GGML type and compute dtype: a layer read from a .gguf file may hold any type."""
         from .linear import quantize_linear
 
@@ -107,14 +110,12 @@ class GGUFBackend(Backend):
         return TYPE_TENSOR in names
 
     def restore(
-        self, module: nn.Module, state: LayerState, config: BackendConfig, device: torch.device
+        self, module: nn.Module, state: LayerState, config: GGUFQuantizationConfig, device: torch.device
     ) -> nn.Module:
         """The `GGUFLinear` for the stored blocks; compute dtype from the config, else as stored, else float32."""
         from .linear import GGUFLinear
 
-        assert isinstance(config, GGUFQuantizationConfig)
-        if not isinstance(module, nn.Linear):
-            raise ValueError(f"GGUF weights are loaded into linear layers only, and this layer is a {type(module).__name__}")
+        module = stored_linear(module, "GGUF")
         tensors = dict(state.tensors)
         if set(tensors) - {"weight", TYPE_TENSOR, "bias"} or not {"weight", TYPE_TENSOR} <= set(tensors):
             raise ValueError(f"not a GGUF layer: expected weight, {TYPE_TENSOR} and optionally bias; found {sorted(tensors)}")
@@ -134,8 +135,7 @@ class GGUFBackend(Backend):
         )
 
 
-def _require_quant_type(config: BackendConfig) -> None:
-    assert isinstance(config, GGUFQuantizationConfig)
+def _require_quant_type(config: GGUFQuantizationConfig) -> None:
     if config.quant_type is None:
         raise QuantizationConfigError(
             "This GGUFQuantizationConfig has no quant_type, so, like diffusers' GGUFQuantizationConfig, it only "

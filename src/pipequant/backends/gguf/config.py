@@ -79,7 +79,7 @@ class GGUFQuantizationConfig(BackendConfig):
       full dotted name); layers no rule matches get `quant_type`.
     """
 
-    backend_name: ClassVar[str] = "gguf"
+    quant_method: ClassVar[str] = "gguf"
     foreign_class_names: ClassVar[tuple[str, ...]] = ("GGUFQuantizationConfig",)
 
     compute_dtype: torch.dtype | str | None = None
