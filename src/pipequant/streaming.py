@@ -120,7 +120,7 @@ def stream_model(
                 replace_module(model, name, layer, config)
                 if layer is not module:  # `owners` still holds the old layer: drop its full-precision tensors now
                     module._parameters.clear()
-                _return_freed_memory()
+                return_freed_memory()
             if on_layer is not None:
                 on_layer(done, len(owners))
 
@@ -157,7 +157,7 @@ def _layer_reads(
     return {tensor_name: key_map[full] for tensor_name, full in full_names.items() if full in key_map}
 
 
-def _return_freed_memory() -> None:
+def return_freed_memory() -> None:
     """Hand the heap pages freed with the last full-precision layer back to the OS.
 
     glibc keeps freed chunks below its (self-raising) mmap threshold in the heap, where the small,

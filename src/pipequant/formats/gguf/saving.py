@@ -29,7 +29,14 @@ from ...checkpoint import SAFETENSORS_DTYPES, ComponentCheckpoint
 from ...page_cache import ReadAhead
 from ...markers import mark_quantized
 from ...quantizing import QuantizationRecord, keep_in_fp32_patterns, quantization_record
-from ...streaming import build_empty_model, match_keys, record_load_dtype, stored_shapes, tied_groups
+from ...streaming import (
+    build_empty_model,
+    match_keys,
+    record_load_dtype,
+    return_freed_memory,
+    stored_shapes,
+    tied_groups,
+)
 from ...tensor_loading import TensorLoading
 from .metadata import FLUX_ARCHITECTURE, OWN_ARCHITECTURE, VERSION, PipequantMetadata
 from .writer import LazyPart, StoredTensor, to_bfl_layout, write_gguf
@@ -229,6 +236,7 @@ class _OrderedReads:
         return self._loading.stored_dtype(module_name, SAFETENSORS_DTYPES[self._checkpoint.dtype(key)])
 
     def read(self, full_name: str) -> torch.Tensor:
+        return_freed_memory()  # the previous tensor's memory, written and freed (see `streaming.return_freed_memory`)
         key = self._key_map[full_name]
         if self._ahead is not None and key in self._position:
             self._ahead.reached(self._position[key])
