@@ -13,7 +13,7 @@ import torch
 
 from .backends import backend_for, get_backend
 from .backends.base import BackendConfig, MissingBackendError, QuantizationConfigError
-from .backends.gguf.config import GGUF_TYPES
+from .backends.gguf.codecs.table import GGML_TYPES
 from .config import PipelineQuantizationConfig
 
 #: mode name -> (backend name, its quant_kwargs in `PipelineQuantizationConfig`'s simple form)
@@ -24,7 +24,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "bnb-int8": ("bitsandbytes_8bit", {}),
     **{f"torchao-{t}": ("torchao", {"quant_type": t}) for t in ("int8wo", "int8dq", "int4dq", "float8wo", "uint4wo")},
     **{f"quanto-{t}": ("quanto", {"weights_dtype": t}) for t in ("int8", "int4", "int2", "float8")},
-    **{f"gguf-{t}": ("gguf", {"quant_type": t}) for t in GGUF_TYPES},
+    **{f"gguf-{t}": ("gguf", {"quant_type": t}) for t in GGML_TYPES},
 }
 
 #: what `plan` weighs by default: the common modes of each backend, from 8 bits down to 4

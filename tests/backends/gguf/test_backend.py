@@ -15,7 +15,7 @@ import torch
 from diffusers import FluxTransformer2DModel
 from diffusers import GGUFQuantizationConfig as DiffusersGGUFConfig
 from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFWriter, LlamaFileType
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, LlamaFileType
 from torch import nn
 from typer.testing import CliRunner
 
@@ -31,8 +31,7 @@ from pipequant import (
     save_pipeline,
 )
 from pipequant.backends import get_backend
-from pipequant.backends.gguf import GGML_TYPES, GGUFLinear, GGUFTypeFallbackWarning, type_fallbacks
-from pipequant.backends.gguf.config import GGUF_TYPE_SIZES
+from pipequant.backends.gguf import GGUFLinear, GGUFTypeFallbackWarning, type_fallbacks
 from pipequant.cli import app
 
 BF16 = torch.bfloat16
@@ -117,8 +116,6 @@ def community_file(exported, tmp_path_factory) -> Path:
 
 
 def test_config_validates_types_and_rules():
-    # the config's own table (importable without gguf) is the codecs' types, with gguf-py's block sizes
-    assert GGUF_TYPE_SIZES == {name: GGML_QUANT_SIZES[GGMLQuantizationType[name]] for name in GGML_TYPES}
     assert GGUFQuantizationConfig(quant_type="q4_k", compute_dtype="bfloat16").quant_type == "Q4_K"
     with pytest.raises(QuantizationConfigError, match="quant_type='Q7_K' is not a GGML type.*Valid types: F32"):
         GGUFQuantizationConfig(quant_type="Q7_K")

@@ -14,7 +14,7 @@ gguf = pytest.importorskip("gguf")
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # noqa: E402
 
 from pipequant.backends.gguf import GGML_TYPES, block_size, dequantize, quantize, type_size  # noqa: E402
-from pipequant.backends.gguf.quants import resolve  # noqa: E402
+from pipequant.backends.gguf.codecs import resolve  # noqa: E402
 
 FLOAT_TYPES = ["F32", "F16", "BF16"]
 LEGACY_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]

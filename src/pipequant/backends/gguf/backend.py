@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from ..base import Backend, BackendConfig, LayerState, QuantizationConfigError, linear_like
-from .config import GGUF_TYPES, GGUFQuantizationConfig, fitting_type, row_nbytes
+from .codecs.table import GGML_TYPES
+from .config import GGUFQuantizationConfig, fitting_type, row_nbytes
 
 TYPE_TENSOR = "weight_type"
 #: per-layer metadata of a stored layer
@@ -38,8 +39,8 @@ def type_name(type_id_value: int) -> str:
         name = GGMLQuantizationType(type_id_value).name
     except ValueError:
         name = f"unknown type id {type_id_value}"
-    if name not in GGUF_TYPES:
-        raise ValueError(f"GGML type {name} is not one pipequant can read (it reads {', '.join(GGUF_TYPES)})")
+    if name not in GGML_TYPES:
+        raise ValueError(f"GGML type {name} is not one pipequant can read (it reads {', '.join(GGML_TYPES)})")
     return name
 
 
@@ -141,7 +142,7 @@ def _require_quant_type(config: BackendConfig) -> None:
             "This GGUFQuantizationConfig has no quant_type, so, like diffusers' GGUFQuantizationConfig, it only "
             "loads .gguf files (e.g. load_pipeline(path, transformer='model.gguf', ...)). To quantize "
             f"full-precision weights give quant_type, e.g. GGUFQuantizationConfig(quant_type='Q4_K'); types: "
-            f"{', '.join(GGUF_TYPES)}."
+            f"{', '.join(GGML_TYPES)}."
         )
 
 
