@@ -33,7 +33,9 @@ def _awkward_rows() -> torch.Tensor:
 
 @pytest.mark.parametrize("name", LEGACY_TYPES + K_TYPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_compiled_quantizers_match_the_torch_code(name: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compiled_quantizers_match_the_torch_code(
+    name: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """On CPU the block types are quantized by compiled kernels; the torch code (the path on other
     devices) must give the same bytes, for every source dtype the kernels read."""
     codec = resolve(name)

@@ -73,7 +73,11 @@ def _by_slices(
         # the last slice takes the remainder too, so a trailing partial block is handled as bitsandbytes does
         end = flat.numel() if i == len(starts) - 1 else start + step
         packed, state = F.quantize_4bit(
-            flat[start:end], blocksize=blocksize, compress_statistics=False, quant_type=quant_type, quant_storage=quant_storage
+            flat[start:end],
+            blocksize=blocksize,
+            compress_statistics=False,
+            quant_type=quant_type,
+            quant_storage=quant_storage,
         )
         packed_parts.append(packed)
         absmax_parts.append(state.absmax)

@@ -31,7 +31,12 @@ def quantize(ggml_type: GGMLType, source: torch.Tensor, out: torch.Tensor) -> No
     blocks = _whole_blocks(source.numel(), ggml_type.block_size, f"{ggml_type.name} weights")
     check_buffer(out, f"the {ggml_type.name} output", (torch.uint8,), blocks * ggml_type.type_size)
     native().ggml_quantize(
-        ggml_type.type_id, source.data_ptr(), SOURCE_DTYPES[source.dtype], blocks, out.data_ptr(), torch.get_num_threads()
+        ggml_type.type_id,
+        source.data_ptr(),
+        SOURCE_DTYPES[source.dtype],
+        blocks,
+        out.data_ptr(),
+        torch.get_num_threads(),
     )
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from codec_cases import (
     ALL_TYPES,
     FLOAT_TYPES,
@@ -22,6 +21,7 @@ from codec_cases import (
     sha256,
     shapes,
 )
+
 from pipequant.backends.gguf import GGML_TYPES, block_size, dequantize, quantize, type_size
 from pipequant.backends.gguf.codecs import resolve
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from codec_cases import gguf_bytes
+
 from pipequant.backends.gguf import quantize
 
 

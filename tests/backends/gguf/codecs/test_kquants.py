@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from codec_cases import K_TYPES, extreme_inputs, sha256
+
 from pipequant.backends.gguf import dequantize, quantize
 
 # Relative RMS reconstruction error on N(0, 1) data; observed values are ~10% lower.

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from codec_cases import LEGACY_TYPES, gguf_bytes
+
 from pipequant.backends.gguf import quantize
 from pipequant.backends.gguf.codecs import resolve
 

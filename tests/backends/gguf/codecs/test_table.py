@@ -44,7 +44,10 @@ def test_every_type_has_a_codec_with_the_table_sizes():
     assert tuple(CODECS) == GGML_TYPES == tuple(GGML_TYPE_TABLE)
     for name, codec in CODECS.items():
         assert codec.ggml_type is GGML_TYPE_TABLE[name]
-        assert (codec.block_size, codec.type_size) == (GGML_TYPE_TABLE[name].block_size, GGML_TYPE_TABLE[name].type_size)
+        assert (codec.block_size, codec.type_size) == (
+            GGML_TYPE_TABLE[name].block_size,
+            GGML_TYPE_TABLE[name].type_size,
+        )
 
 
 def test_the_config_takes_every_type_with_the_table_sizes():

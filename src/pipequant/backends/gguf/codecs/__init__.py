@@ -73,7 +73,9 @@ def _check_row(codec: type[GGMLQuant], row: int, shape: tuple[int, ...]) -> None
     if 0 in shape:
         raise ValueError(f"shape {shape} has no elements; a GGML tensor holds at least one block")
     if row % codec.block_size:
-        raise ValueError(f"row length {row} is not a multiple of the {codec.ggml_type.name} block size {codec.block_size}")
+        raise ValueError(
+            f"row length {row} is not a multiple of the {codec.ggml_type.name} block size {codec.block_size}"
+        )
 
 
 def quantize(tensor: torch.Tensor, qtype: QuantType) -> torch.Tensor:
@@ -100,9 +102,8 @@ def dequantize(
         numel *= dim
     expected = numel // codec.block_size * codec.type_size
     if raw.dtype != torch.uint8 or raw.numel() != expected:
-        raise ValueError(
-            f"{codec.ggml_type.name} data for shape {shape} must be {expected} uint8 bytes, got {raw.numel()} {raw.dtype}"
-        )
+        name = codec.ggml_type.name
+        raise ValueError(f"{name} data for shape {shape} must be {expected} uint8 bytes, got {raw.numel()} {raw.dtype}")
     raw = raw.contiguous()
     if raw.storage_offset() % 8:  # a slice at an odd byte: the torch codecs view it as wider words
         raw = raw.clone()

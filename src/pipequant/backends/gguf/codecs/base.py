@@ -223,7 +223,7 @@ class GGMLQuant(ABC):
             return out.view(rows.shape[0], -1)
         step = cls.quantize_chunk
         with kernels.torch_on_one_thread(rows.device):
-            blocks = rows.reshape(-1, cls.block_size)
+            blocks = source.reshape(-1, cls.block_size)
             for start in range(0, blocks.shape[0], step):
                 out[start : start + step] = cls.quantize_blocks(blocks[start : start + step].to(torch.float32))
         return out.view(rows.shape[0], -1)

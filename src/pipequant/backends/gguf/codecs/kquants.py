@@ -29,6 +29,7 @@ import functools
 
 import numpy as np
 import torch
+
 from .base import GGMLQuant, absmax_signed, div, fp16_bytes, fp16_value, pack_bits, scale_into, unpack_bits
 from .table import QK_K
 
