@@ -21,19 +21,19 @@
  * weights per block, bytes per block), as gguf-py's GGML_QUANT_SIZES. The Python side has the same table
  * (pipequant/backends/gguf/codecs/table.py); tests/backends/gguf/codecs/test_table.py reads this list and
  * checks that the two agree. Everything below derives from it. */
-#define GGML_TYPE_LIST(GGML_TYPE) \
-    GGML_TYPE(F32, 0, 1, 4)       \
-    GGML_TYPE(F16, 1, 1, 2)       \
-    GGML_TYPE(Q4_0, 2, 32, 18)    \
-    GGML_TYPE(Q4_1, 3, 32, 20)    \
-    GGML_TYPE(Q5_0, 6, 32, 22)    \
-    GGML_TYPE(Q5_1, 7, 32, 24)    \
-    GGML_TYPE(Q8_0, 8, 32, 34)    \
-    GGML_TYPE(Q2_K, 10, 256, 84)  \
-    GGML_TYPE(Q3_K, 11, 256, 110) \
-    GGML_TYPE(Q4_K, 12, 256, 144) \
-    GGML_TYPE(Q5_K, 13, 256, 176) \
-    GGML_TYPE(Q6_K, 14, 256, 210) \
+#define GGML_TYPE_LIST(GGML_TYPE)  \
+    GGML_TYPE(F32, 0, 1, 4)        \
+    GGML_TYPE(F16, 1, 1, 2)        \
+    GGML_TYPE(Q4_0, 2, 32, 18)     \
+    GGML_TYPE(Q4_1, 3, 32, 20)     \
+    GGML_TYPE(Q5_0, 6, 32, 22)     \
+    GGML_TYPE(Q5_1, 7, 32, 24)     \
+    GGML_TYPE(Q8_0, 8, 32, 34)     \
+    GGML_TYPE(Q2_K, 10, QK_K, 84)  \
+    GGML_TYPE(Q3_K, 11, QK_K, 110) \
+    GGML_TYPE(Q4_K, 12, QK_K, 144) \
+    GGML_TYPE(Q5_K, 13, QK_K, 176) \
+    GGML_TYPE(Q6_K, 14, QK_K, 210) \
     GGML_TYPE(BF16, 30, 1, 2)
 
 /* each type's number (Q4_K) and bytes per block (Q4_K_BYTES) */

@@ -32,8 +32,12 @@ def c_type_list() -> dict[str, tuple[int, int, int]]:
     source = COMMON_H.read_text()
     start = source.index("#define GGML_TYPE_LIST(GGML_TYPE)")
     definition = source[start : source.index("\n\n", start)]
-    entries = re.findall(r"GGML_TYPE\((\w+), (\d+), (\d+), (\d+)\)", definition)
-    return {name: (int(type_id), int(weights), int(nbytes)) for name, type_id, weights, nbytes in entries}
+    constants = {"QK_K": int(re.search(r"#define QK_K (\d+)", source).group(1))}
+    entries = re.findall(r"GGML_TYPE\((\w+), (\d+), (\w+), (\d+)\)", definition)
+    return {
+        name: (int(type_id), constants[weights] if weights in constants else int(weights), int(nbytes))
+        for name, type_id, weights, nbytes in entries
+    }
 
 
 def test_the_c_kernels_have_the_same_table():

@@ -21,6 +21,9 @@ class GGMLType(NamedTuple):
     type_size: int
 
 
+#: weights per K-quant superblock (gguf's QK_K)
+QK_K = 256
+
 #: every type, by name, in type-id order (as gguf-py's GGML_QUANT_SIZES: weights and bytes per block)
 GGML_TYPE_TABLE: dict[str, GGMLType] = {
     t.name: t
@@ -32,17 +35,14 @@ GGML_TYPE_TABLE: dict[str, GGMLType] = {
         GGMLType("Q5_0", 6, 32, 22),
         GGMLType("Q5_1", 7, 32, 24),
         GGMLType("Q8_0", 8, 32, 34),
-        GGMLType("Q2_K", 10, 256, 84),
-        GGMLType("Q3_K", 11, 256, 110),
-        GGMLType("Q4_K", 12, 256, 144),
-        GGMLType("Q5_K", 13, 256, 176),
-        GGMLType("Q6_K", 14, 256, 210),
+        GGMLType("Q2_K", 10, QK_K, 84),
+        GGMLType("Q3_K", 11, QK_K, 110),
+        GGMLType("Q4_K", 12, QK_K, 144),
+        GGMLType("Q5_K", 13, QK_K, 176),
+        GGMLType("Q6_K", 14, QK_K, 210),
         GGMLType("BF16", 30, 1, 2),
     )
 }
 
 GGML_TYPES: tuple[str, ...] = tuple(GGML_TYPE_TABLE)
 """Names of the supported types, in GGML type-id order."""
-
-#: weights per K-quant superblock (gguf's QK_K)
-QK_K = 256
