@@ -1,7 +1,7 @@
 /* bitsandbytes' 4-bit blockwise quantization (nf4, fp4) in one pass, with bitsandbytes' exact bytes.
  *
- * Used by pipequant/backends/bnb_chunked.py, which checks the first blocks of every weight against
- * bitsandbytes' own quantize_4bit. The arithmetic is that of bitsandbytes' CPU kernel
+ * Wrapped by pipequant/kernels/bnb4.py; pipequant/backends/bnb_chunked.py checks the first blocks of
+ * every weight against bitsandbytes' own quantize_4bit. The arithmetic is that of bitsandbytes' CPU kernel
  * (backends/default/ops.py): per block of `blocksize` weights in float32, absmax = max |x|;
  * scaled = clamp(x * (1 / max(absmax, 1e-38)), -1, 1), and for a trailing partial block
  * clamp(x / max(absmax, 1e-38), -1, 1), whose stored absmax is the clamped one; the 4-bit code is
@@ -9,8 +9,7 @@
  * for fp4; two codes per byte, the first in the high nibble, an odd count padded with the code of
  * 0. The midpoints and order come from bitsandbytes itself. Blocks are split between threads.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "kernels.h" /* first: it includes Python.h */
 
 #include <math.h>
 
@@ -71,7 +70,7 @@ BLOCK_KERNEL static void run_blocks(void *context, int64_t begin, int64_t end) {
     }
 }
 
-static PyObject *quantize(PyObject *self, PyObject *args) {
+PyObject *bnb4_quantize(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long source, bounds, order, packed, absmax;
     int dtype, blocksize, threads;
@@ -97,16 +96,3 @@ static PyObject *quantize(PyObject *self, PyObject *args) {
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
-
-static PyMethodDef methods[] = {
-    {"quantize", quantize, METH_VARARGS,
-     "quantize(source_ptr, source_dtype, count, bounds_ptr, order_ptr_or_0, blocksize, packed_ptr, absmax_ptr, "
-     "threads): bitsandbytes' 4-bit codes, two per byte, and the float32 absmax of each block"},
-    {NULL, NULL, 0, NULL},
-};
-
-static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_bnb4", "bitsandbytes 4-bit blockwise quantization.", -1, methods, NULL, NULL, NULL, NULL,
-};
-
-PyMODINIT_FUNC PyInit__bnb4(void) { return PyModule_Create(&module); }

@@ -1,4 +1,4 @@
-/* What the kernels share: GGML type numbers, float bit helpers (half and bfloat16 conversions as
+/* What the kernels share: the GGML types and their block sizes, float bit helpers (half and bfloat16 conversions as
  * torch and numpy round them), and the macros that build their loops for several x86 targets. */
 #ifndef PIPEQUANT_COMMON_H
 #define PIPEQUANT_COMMON_H
@@ -17,11 +17,46 @@
 
 #define QK_K 256
 
-/* GGML type numbers, as gguf's GGMLQuantizationType */
-enum {
-    F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8,
-    Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30,
-};
+/* The GGML types pipequant reads and writes, each GGML_TYPE(name, type id as gguf's GGMLQuantizationType,
+ * weights per block, bytes per block), as gguf-py's GGML_QUANT_SIZES. The Python side has the same table
+ * (pipequant/backends/gguf/codecs/table.py); tests/backends/gguf/codecs/test_table.py reads this list and
+ * checks that the two agree. Everything below derives from it. */
+#define GGML_TYPE_LIST(GGML_TYPE)  \
+    GGML_TYPE(F32, 0, 1, 4)        \
+    GGML_TYPE(F16, 1, 1, 2)        \
+    GGML_TYPE(Q4_0, 2, 32, 18)     \
+    GGML_TYPE(Q4_1, 3, 32, 20)     \
+    GGML_TYPE(Q5_0, 6, 32, 22)     \
+    GGML_TYPE(Q5_1, 7, 32, 24)     \
+    GGML_TYPE(Q8_0, 8, 32, 34)     \
+    GGML_TYPE(Q2_K, 10, QK_K, 84)  \
+    GGML_TYPE(Q3_K, 11, QK_K, 110) \
+    GGML_TYPE(Q4_K, 12, QK_K, 144) \
+    GGML_TYPE(Q5_K, 13, QK_K, 176) \
+    GGML_TYPE(Q6_K, 14, QK_K, 210) \
+    GGML_TYPE(BF16, 30, 1, 2)
+
+/* each type's number (Q4_K) and bytes per block (Q4_K_BYTES) */
+#define GGML_TYPE_ID(name, id, weights, bytes) name = id,
+#define GGML_TYPE_BYTES(name, id, weights, bytes) name##_BYTES = bytes,
+enum { GGML_TYPE_LIST(GGML_TYPE_ID) };
+enum { GGML_TYPE_LIST(GGML_TYPE_BYTES) };
+
+/* weights per block of a type; 0 for a number that is not one of the types */
+static inline int ggml_block_weights(int type) {
+#define GGML_TYPE_WEIGHTS_CASE(name, id, weights, bytes) \
+    case id: return weights;
+    switch (type) { GGML_TYPE_LIST(GGML_TYPE_WEIGHTS_CASE) default: return 0; }
+#undef GGML_TYPE_WEIGHTS_CASE
+}
+
+/* bytes per block of a type; 0 for a number that is not one of the types */
+static inline int ggml_block_bytes(int type) {
+#define GGML_TYPE_BYTES_CASE(name, id, weights, bytes) \
+    case id: return bytes;
+    switch (type) { GGML_TYPE_LIST(GGML_TYPE_BYTES_CASE) default: return 0; }
+#undef GGML_TYPE_BYTES_CASE
+}
 
 INLINE float from_bits(uint32_t bits) {
     float value;

@@ -1,9 +1,10 @@
 /* GGML block dequantization for every type pipequant reads, in one pass over the blocks.
  *
- * Used by pipequant/backends/gguf/quants.py on CPU (the torch codecs there run elsewhere, and are
- * the readable statement of each layout). Every value is computed with gguf-py's float32
- * operations in gguf-py's order (a product, then at most one addition or subtraction, never
- * fused: built with -ffp-contract=off), so the results are bit-exact with gguf.quants.dequantize.
+ * Wrapped by pipequant/kernels/ggml.py, for the codecs in pipequant/backends/gguf/codecs on CPU (their
+ * torch code runs elsewhere, and is the readable statement of each layout). Every value is computed
+ * with gguf-py's float32 operations in gguf-py's order (a product, then at most one addition or
+ * subtraction, never fused: built with -ffp-contract=off), so the results are bit-exact with
+ * gguf.quants.dequantize.
  * The output is float32, or bfloat16 rounded as torch rounds (nearest even, NaN -> 0x7FC0), which
  * saves the GGUF layer a separate conversion pass in every forward.
  *
@@ -11,8 +12,7 @@
  * little (the kernel zeroing the pages is most of the time), into pages already mapped it halves
  * the time.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "kernels.h" /* first: it includes Python.h */
 
 #include "common.h"
 #include "parallel.h"
@@ -226,28 +226,17 @@ BLOCK_KERNEL static void run_blocks(void *context, int64_t begin, int64_t end) {
     }
 }
 
-static PyObject *dequantize(PyObject *self, PyObject *args) {
+PyObject *ggml_dequantize(PyObject *self, PyObject *args) {
     (void)self;
     int type, bf16_out, threads;
     unsigned long long raw, out;
     Py_ssize_t blocks;
     if (!PyArg_ParseTuple(args, "iKnKii", &type, &raw, &blocks, &out, &bf16_out, &threads)) return NULL;
-    job work = {type, 32, 0, (const uint8_t *)(uintptr_t)raw, (void *)(uintptr_t)out, bf16_out};
-    switch (type) {
-        case F32: work.block_size = 1; work.block_bytes = 4; break;
-        case F16: work.block_size = 1; work.block_bytes = 2; break;
-        case BF16: work.block_size = 1; work.block_bytes = 2; break;
-        case Q8_0: work.block_bytes = 34; break;
-        case Q4_0: work.block_bytes = 18; break;
-        case Q4_1: work.block_bytes = 20; break;
-        case Q5_0: work.block_bytes = 22; break;
-        case Q5_1: work.block_bytes = 24; break;
-        case Q2_K: work.block_size = QK_K; work.block_bytes = 84; break;
-        case Q3_K: work.block_size = QK_K; work.block_bytes = 110; break;
-        case Q4_K: work.block_size = QK_K; work.block_bytes = 144; break;
-        case Q5_K: work.block_size = QK_K; work.block_bytes = 176; break;
-        case Q6_K: work.block_size = QK_K; work.block_bytes = 210; break;
-        default: PyErr_Format(PyExc_ValueError, "no dequantizer for GGML type %d", type); return NULL;
+    job work = {type, ggml_block_weights(type), ggml_block_bytes(type), (const uint8_t *)(uintptr_t)raw,
+                (void *)(uintptr_t)out, bf16_out};
+    if (work.block_bytes == 0) {
+        PyErr_Format(PyExc_ValueError, "no dequantizer for GGML type %d", type);
+        return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
     const size_t out_bytes = (size_t)work.block_size * (bf16_out ? 2 : 4);
@@ -255,15 +244,3 @@ static PyObject *dequantize(PyObject *self, PyObject *args) {
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
-
-static PyMethodDef methods[] = {
-    {"dequantize", dequantize, METH_VARARGS,
-     "dequantize(ggml_type, raw_ptr, blocks, out_ptr, bf16_out): blocks into float32 (or bfloat16) values"},
-    {NULL, NULL, 0, NULL},
-};
-
-static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_ggml_dequantize", "GGML block dequantization.", -1, methods, NULL, NULL, NULL, NULL,
-};
-
-PyMODINIT_FUNC PyInit__ggml_dequantize(void) { return PyModule_Create(&module); }

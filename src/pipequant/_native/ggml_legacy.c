@@ -1,6 +1,6 @@
 /* GGML's 32-weight block quantizers (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1), with gguf-py's exact bytes.
  *
- * Used by pipequant/backends/gguf/quants.py on CPU (its torch codecs, which give the same bytes,
+ * Used by pipequant/backends/gguf/codecs/legacy.py on CPU (its torch codecs, which give the same bytes,
  * run elsewhere). The arithmetic is gguf-py's (gguf/quants.py), in float32 and in its order:
  *   Q8_0: d = absmax / 127, q = roundf(x * (1 / d)) (half away from zero, as np_roundf);
  *   Q4_0 / Q5_0: m = the value of largest magnitude (the first on ties), d = m / -8 (-16),
@@ -18,7 +18,7 @@
 
 #include "ggml_quantize.h"
 
-#define QK 32
+#define QK 32 /* weights per block of every type here (common.h) */
 
 INLINE float inverse_or_zero(float d) { return d == 0.0f ? 0.0f : 1.0f / d; }
 
@@ -122,17 +122,6 @@ INLINE void with_min(const float *x, uint8_t *out, int levels) {
     } else {
         pack_high_bits(q, out + 4);
         pack_nibbles(q, out + 8);
-    }
-}
-
-int legacy_block_bytes(int type) {
-    switch (type) {
-        case Q8_0: return 34;
-        case Q4_0: return 18;
-        case Q4_1: return 20;
-        case Q5_0: return 22;
-        case Q5_1: return 24;
-        default: return 0;
     }
 }
 

@@ -1,26 +1,23 @@
-/* The module pipequant._ggml_quantize: GGML block quantization on CPU, for every block type, by
- * the two families of quantizers declared in ggml_quantize.h. Used by
- * pipequant/backends/gguf/quants.py (the `compiled_quantizer` of the block types). */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+/* GGML block quantization on CPU, for every block type, by the two families of quantizers declared
+ * in ggml_quantize.h. Wrapped by pipequant/kernels/ggml.py, for the codecs in
+ * pipequant/backends/gguf/codecs (the types whose `compiled_quantizer` is set). */
+#include "kernels.h" /* first: it includes Python.h */
 
 #include "ggml_quantize.h"
 #include "parallel.h"
 
-static PyObject *quantize(PyObject *self, PyObject *args) {
+PyObject *ggml_quantize(PyObject *self, PyObject *args) {
     (void)self;
     int type, dtype, threads;
     unsigned long long source, out;
     Py_ssize_t blocks;
     if (!PyArg_ParseTuple(args, "iKinKi", &type, &source, &dtype, &blocks, &out, &threads)) return NULL;
-    quantize_job work = {type, legacy_block_bytes(type), (const void *)(uintptr_t)source, (enum source_dtype)dtype,
+    quantize_job work = {type, ggml_block_bytes(type), (const void *)(uintptr_t)source, (enum source_dtype)dtype,
                          (uint8_t *)(uintptr_t)out};
-    range_fn run = run_legacy_blocks;
-    if (work.block_bytes == 0) {
-        work.block_bytes = kquant_block_bytes(type);
-        run = run_kquant_blocks;
-    }
-    if (work.block_bytes == 0) {
+    /* the family by block size: 32 weights, or a superblock of QK_K (the float types have no quantizer here) */
+    const int weights = ggml_block_weights(type);
+    const range_fn run = weights == 32 ? run_legacy_blocks : weights == QK_K ? run_kquant_blocks : NULL;
+    if (run == NULL) {
         PyErr_Format(PyExc_ValueError, "GGML type %d has no compiled quantizer", type);
         return NULL;
     }
@@ -33,16 +30,3 @@ static PyObject *quantize(PyObject *self, PyObject *args) {
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
-
-static PyMethodDef methods[] = {
-    {"quantize", quantize, METH_VARARGS,
-     "quantize(ggml_type, source_ptr, source_dtype, blocks, out_ptr, threads): blocks of weights (float32 0, "
-     "bfloat16 1, float16 2) into GGML blocks of that type (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K .. Q6_K)"},
-    {NULL, NULL, 0, NULL},
-};
-
-static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_ggml_quantize", "GGML block quantizers.", -1, methods, NULL, NULL, NULL, NULL,
-};
-
-PyMODINIT_FUNC PyInit__ggml_quantize(void) { return PyModule_Create(&module); }

@@ -1,5 +1,5 @@
-/* The two families of GGML block quantizers behind the module pipequant._ggml_quantize
- * (ggml_quantize.c): the 32-weight types (ggml_legacy.c) and the K-quants (kquants.c). */
+/* The two families of GGML block quantizers behind ggml_quantize (ggml_quantize.c): the 32-weight
+ * types (ggml_legacy.c) and the K-quants (kquants.c). */
 #ifndef PIPEQUANT_GGML_QUANTIZE_H
 #define PIPEQUANT_GGML_QUANTIZE_H
 
@@ -11,10 +11,6 @@ typedef struct {
     enum source_dtype dtype;
     uint8_t *out;
 } quantize_job;
-
-/* bytes per block of a type of the family, or 0 when the type is not one of its */
-int legacy_block_bytes(int type);
-int kquant_block_bytes(int type);
 
 /* blocks [begin, end) of a quantize_job (the parallel.h range_fn shape) */
 void run_legacy_blocks(void *context, int64_t begin, int64_t end);

@@ -1,16 +1,15 @@
 /* Per-row symmetric int8 quantization in one pass, with quanto's, torchao's and bitsandbytes' exact arithmetic.
  *
- * Used by pipequant/backends/int8_rows.py, which documents why and checks the bytes. Each function
- * takes raw pointers to contiguous CPU buffers (a torch tensor's data_ptr()), a row-major weight of
- * `rows` x `columns` in float32 or bfloat16 (common.h's source_dtype), and a thread count; it releases
- * the GIL and splits the rows between threads (parallel.h).
+ * Wrapped by pipequant/kernels/int8_rows.py; pipequant/backends/int8_rows.py documents why and checks
+ * the bytes. Each function takes raw pointers to contiguous CPU buffers (a torch tensor's data_ptr()),
+ * a row-major weight of `rows` x `columns` in float32 or bfloat16 (common.h's source_dtype), and a
+ * thread count; it releases the GIL and splits the rows between threads (parallel.h).
  *
  * Floats are handled through their bit patterns where that is exact: a bf16 value is the top half
  * of a float32, and non-negative floats order like their bits, so a row's absolute maximum is an
  * integer maximum (a NaN compares above inf and so propagates, as torch's amax does).
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "kernels.h" /* first: it includes Python.h */
 
 #include <math.h>
 #include <stdint.h>
@@ -157,33 +156,17 @@ static PyObject *quantize(enum library library, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-static PyObject *quanto_int8(PyObject *self, PyObject *args) {
+PyObject *quanto_int8(PyObject *self, PyObject *args) {
     (void)self;
     return quantize(QUANTO, args);
 }
 
-static PyObject *bitsandbytes_int8(PyObject *self, PyObject *args) {
+PyObject *bitsandbytes_int8(PyObject *self, PyObject *args) {
     (void)self;
     return quantize(BITSANDBYTES, args);
 }
 
-static PyObject *torchao_int8(PyObject *self, PyObject *args) {
+PyObject *torchao_int8(PyObject *self, PyObject *args) {
     (void)self;
     return quantize(TORCHAO, args);
 }
-
-static PyMethodDef methods[] = {
-    {"quanto_int8", quanto_int8, METH_VARARGS,
-     "quanto_int8(weight_ptr, source_dtype, rows, columns, data_ptr, scale_ptr, threads): quanto's int8 rows"},
-    {"torchao_int8", torchao_int8, METH_VARARGS,
-     "torchao_int8(weight_ptr, source_dtype, rows, columns, data_ptr, scale_ptr, threads): torchao's int8 rows"},
-    {"bitsandbytes_int8", bitsandbytes_int8, METH_VARARGS,
-     "bitsandbytes_int8(weight_ptr, source_dtype, rows, columns, data_ptr, scale_ptr, threads): LLM.int8 rows"},
-    {NULL, NULL, 0, NULL},
-};
-
-static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_int8_rows", "Per-row int8 quantization kernels.", -1, methods, NULL, NULL, NULL, NULL,
-};
-
-PyMODINIT_FUNC PyInit__int8_rows(void) { return PyModule_Create(&module); }

@@ -1,7 +1,7 @@
 /* GGML K-quant quantizers (Q2_K..Q6_K), following llama.cpp's reference algorithm
  * (ggml-quants.c: quantize_row_qN_K_ref with make_qkx2_quants, make_q3_quants, make_qx_quants).
  *
- * Used by pipequant/backends/gguf/kquants.py, which keeps the torch version of the same algorithm
+ * Used by pipequant/backends/gguf/codecs/kquants.py, which keeps the torch version of the same algorithm
  * for other devices and explains the block layouts. Every float operation is the reference's, in
  * its order (per vector lane, see below), so the bytes are llama.cpp's; built with
  * -ffp-contract=off (no fused multiply-adds) like llama.cpp's x86-64 reference. ggml_quantize.c
@@ -12,9 +12,6 @@
 #include "ggml_quantize.h"
 
 #define GROUP_MAX_EPS 1e-15f
-
-/* bytes per superblock, in gguf-py's layouts */
-enum { Q2_K_BYTES = 84, Q3_K_BYTES = 110, Q4_K_BYTES = 144, Q5_K_BYTES = 176, Q6_K_BYTES = 210 };
 
 INLINE int max_int(int a, int b) { return a > b ? a : b; }
 INLINE int min_int(int a, int b) { return a < b ? a : b; }
@@ -600,17 +597,6 @@ INLINE void quantize_q6_K(const float *x, uint8_t *out) {
         quantize_block(block, work->out + b * work->block_bytes);                                       \
     }                                                                                                   \
     break;
-
-int kquant_block_bytes(int type) {
-    switch (type) {
-        case Q2_K: return Q2_K_BYTES;
-        case Q3_K: return Q3_K_BYTES;
-        case Q4_K: return Q4_K_BYTES;
-        case Q5_K: return Q5_K_BYTES;
-        case Q6_K: return Q6_K_BYTES;
-        default: return 0;
-    }
-}
 
 /* two superblocks at a time, for the quantizers of 8 sub-blocks of 32; an odd last superblock is
  * quantized twice over, into a scratch block the second time */

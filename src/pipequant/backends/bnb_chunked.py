@@ -15,8 +15,7 @@ from __future__ import annotations
 import torch
 
 from .. import kernels
-
-_bnb4 = kernels.compiled("bnb4")
+from ..kernels import bnb4
 
 #: elements per slice: about 4 MB of float32 temporaries per step
 CHUNK_ELEMENTS = 1 << 20
@@ -74,7 +73,11 @@ def _by_slices(
         # the last slice takes the remainder too, so a trailing partial block is handled as bitsandbytes does
         end = flat.numel() if i == len(starts) - 1 else start + step
         packed, state = F.quantize_4bit(
-            flat[start:end], blocksize=blocksize, compress_statistics=False, quant_type=quant_type, quant_storage=quant_storage
+            flat[start:end],
+            blocksize=blocksize,
+            compress_statistics=False,
+            quant_type=quant_type,
+            quant_storage=quant_storage,
         )
         packed_parts.append(packed)
         absmax_parts.append(state.absmax)
@@ -93,7 +96,9 @@ def _compiled_4bit(
     def theirs(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return _by_slices(values, blocksize, quant_type, quant_storage, values.numel())
 
-    return kernels.checked(ours, theirs, flat, flat[: 2 * blocksize], "bitsandbytes")
+    return kernels.checked(
+        kernel=ours, library=theirs, weight=flat, head=flat[: 2 * blocksize], library_name="bitsandbytes"
+    )
 
 
 def _run_4bit(
@@ -101,17 +106,11 @@ def _run_4bit(
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The kernel's (packed, absmax), laid out as bitsandbytes' CPU quantize_4bit returns them; None
     where the kernel does not apply."""
-    if _bnb4 is None or flat.device.type != "cpu" or flat.dtype not in kernels.SOURCE_DTYPES or blocksize % 2:
+    source = flat.contiguous()
+    if kernels.compiled() is None or bnb4.problem(source, blocksize) is not None:
         return None
     bounds, order = _code_bounds(quant_type)
-    source = flat.contiguous()
-    count = source.numel()
-    packed = torch.empty(((count + 1) // 2, 1), dtype=torch.uint8)
-    absmax = torch.empty(-(count // -blocksize), dtype=torch.float32)
-    _bnb4.quantize(
-        source.data_ptr(), kernels.SOURCE_DTYPES[source.dtype], count, bounds.data_ptr(), 0 if order is None else order.data_ptr(),
-        blocksize, packed.data_ptr(), absmax.data_ptr(), torch.get_num_threads(),
-    )
+    packed, absmax = bnb4.quantize(source, blocksize, bounds, order)
     if quant_storage != torch.uint8:
         packed = packed.squeeze().view(quant_storage).unsqueeze(1)
     return packed, absmax

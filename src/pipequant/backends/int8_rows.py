@@ -7,7 +7,8 @@ their temporaries are what make a streaming loader's peak memory drift. A compil
 row once (it stays in the L1 cache for the second look), writes only the int8 result, and
 allocates nothing: on a 3072 x 12288 bf16 weight on 2 cores, about 0.02 s against 0.07 s for
 quanto's own ops on row blocks (0.17 s whole) and 0.25 s for torchao's. Nothing maintained ships
-such a kernel for these formats, hence ours, in C (`pipequant/_native/int8_rows.c`, built at install).
+such a kernel for these formats, hence ours, in C (`pipequant/_native/int8_rows.c`, built at install,
+called through `pipequant.kernels.int8_rows`).
 It is C and not numba because numba's import and cache load cost about 0.5 s per process, more
 than the kernel saves on a model of a few hundred million parameters.
 
@@ -22,41 +23,30 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import SOURCE_DTYPES, compiled
-
-_int8_rows = compiled("int8_rows")
+from .. import kernels
+from ..kernels import int8_rows as kernel
 
 
 def quanto_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """What quanto's absmax optimizer and `quantize_symmetric` give for an int8 weight scaled per row:
     (int8 data, scale of shape (rows, 1) in the weight's dtype). None where this path does not apply."""
-    return _run("quanto_int8", weight, weight.dtype)
+    return _run("quanto", weight)
 
 
 def torchao_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """What torchao's `Int8Tensor.from_hp(weight, PerRow())` holds: (int8 data, float32 scale of
     shape (rows, 1)); its zero point is all zeros. None where this path does not apply."""
-    return _run("torchao_int8", weight, torch.float32)
+    return _run("torchao", weight)
 
 
 def bitsandbytes_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """What bitsandbytes' `int8_vectorwise_quant` gives for the weight rounded to float16 (as
     `Linear8bitLt` stores it): (int8 data, float32 absmax per row, shape (rows,))."""
-    fused = _run("bitsandbytes_int8", weight, torch.float32)
+    fused = _run("bitsandbytes", weight)
     return None if fused is None else (fused[0], fused[1].view(-1))
 
 
-def _run(kernel: str, weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
-    if _int8_rows is None:
+def _run(library: kernel.Library, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if kernels.compiled() is None or kernel.problem(weight) is not None:
         return None
-    if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16) or weight.dim() != 2:
-        return None
-    if not weight.is_contiguous():
-        return None
-    rows, columns = weight.shape
-    data = torch.empty((rows, columns), dtype=torch.int8)
-    scale = torch.empty((rows, 1), dtype=scale_dtype)
-    getattr(_int8_rows, kernel)(
-        weight.data_ptr(), SOURCE_DTYPES[weight.dtype], rows, columns, data.data_ptr(), scale.data_ptr(), torch.get_num_threads()
-    )
-    return data, scale
+    return kernel.quantize(library, weight)

@@ -222,7 +222,13 @@ def _int8_rows(
     """An int8 weight by our compiled kernel (`int8_rows`), if it gives quanto's own bytes on the first two rows."""
     if qtype.dtype != torch.int8:
         return None
-    return kernels.checked(int8_rows.quanto_int8_rows, quantize_rows, weight, weight[:2], "optimum-quanto")
+    return kernels.checked(
+        kernel=int8_rows.quanto_int8_rows,
+        library=quantize_rows,
+        weight=weight,
+        head=weight[:2],
+        library_name="optimum-quanto",
+    )
 
 
 def quanto_group_size(in_features: int) -> int | None:

@@ -11,7 +11,6 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel
 from diffusers import GGUFQuantizationConfig as DiffusersGGUFConfig
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import nn
 
 from pipequant import (
@@ -23,8 +22,7 @@ from pipequant import (
     quantize_model,
 )
 from pipequant.backends import get_backend
-from pipequant.backends.gguf import GGML_TYPES, GGUFLinear, GGUFTypeFallbackWarning, type_fallbacks
-from pipequant.backends.gguf.config import GGUF_TYPE_SIZES
+from pipequant.backends.gguf import GGUFLinear, GGUFTypeFallbackWarning, type_fallbacks
 
 BF16 = torch.bfloat16
 #: the tiny transformer's linear layers by input size: 256-weight K-quant blocks fit only 256 and 512
@@ -44,8 +42,6 @@ def reference_image(flux_path, generate):
 
 
 def test_config_validates_types_and_rules():
-    # the config's own table (importable without gguf) is the codecs' types, with gguf-py's block sizes
-    assert GGUF_TYPE_SIZES == {name: GGML_QUANT_SIZES[GGMLQuantizationType[name]] for name in GGML_TYPES}
     assert GGUFQuantizationConfig(quant_type="q4_k", compute_dtype="bfloat16").quant_type == "Q4_K"
     with pytest.raises(QuantizationConfigError, match="quant_type='Q7_K' is not a GGML type.*Valid types: F32"):
         GGUFQuantizationConfig(quant_type="Q7_K")

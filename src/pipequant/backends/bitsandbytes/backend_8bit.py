@@ -43,7 +43,11 @@ class BitsAndBytes8bitBackend(Backend[BitsAndBytesConfig]):
         weight = module.weight.data.to(device)
         # the compiled kernel where it applies (CPU), checked against bitsandbytes on two rows
         compiled = kernels.checked(
-            int8_rows.bitsandbytes_int8_rows, _int8_vectorwise_quant, weight, weight[:2], "bitsandbytes"
+            kernel=int8_rows.bitsandbytes_int8_rows,
+            library=_int8_vectorwise_quant,
+            weight=weight,
+            head=weight[:2],
+            library_name="bitsandbytes",
         )
         int8_weight, row_scales = compiled or row_blocks.quantize_by_rows(weight, _int8_vectorwise_quant, device)
         layer = _linear8bit(module, config, int8_weight, row_scales)

@@ -13,11 +13,11 @@ from typing import Any
 
 _LAZY = {
     "BACKENDS": ".backend",
-    "GGML_TYPES": ".quants",
-    "block_size": ".quants",
-    "dequantize": ".quants",
-    "quantize": ".quants",
-    "type_size": ".quants",
+    "GGML_TYPES": ".codecs",
+    "block_size": ".codecs",
+    "dequantize": ".codecs",
+    "quantize": ".codecs",
+    "type_size": ".codecs",
     "GGUFLinear": ".linear",
     "GGUFTypeFallbackWarning": ".linear",
     "type_fallbacks": ".linear",

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from ..base import Backend, LayerState, QuantizationConfigError, linear_like, stored_linear
-from .config import GGUF_TYPES, GGUFQuantizationConfig, fitting_type, row_nbytes
+from .codecs.table import GGML_TYPES
+from .config import GGUFQuantizationConfig, fitting_type, row_nbytes
 
 TYPE_TENSOR = "weight_type"
 #: per-layer metadata of a stored layer
@@ -38,8 +39,8 @@ def type_name(type_id_value: int) -> str:
         name = GGMLQuantizationType(type_id_value).name
     except ValueError:
         name = f"unknown type id {type_id_value}"
-    if name not in GGUF_TYPES:
-        raise ValueError(f"GGML type {name} is not one pipequant can read (it reads {', '.join(GGUF_TYPES)})")
+    if name not in GGML_TYPES:
+        raise ValueError(f"GGML type {name} is not one pipequant can read (it reads {', '.join(GGML_TYPES)})")
     return name
 
 
@@ -49,7 +50,7 @@ class GGUFBackend(Backend[GGUFQuantizationConfig]):
     module_name = "gguf"
     pip_extra = "gguf"
     cli_help = "GGML blocks in GGUFLinear (quant_type, e.g. Q4_K, Q6_K, Q8_0; type_rules per layer)"
-    presets = {f"gguf-{quant_type}": {"quant_type": quant_type} for quant_type in GGUF_TYPES}
+    presets = {f"gguf-{quant_type}": {"quant_type": quant_type} for quant_type in GGML_TYPES}
     plan_candidates = ("gguf-Q8_0", "gguf-Q6_K", "gguf-Q4_K")
 
     def check_device(self, config: GGUFQuantizationConfig, device: torch.device) -> None:
@@ -141,7 +142,7 @@ def _require_quant_type(config: GGUFQuantizationConfig) -> None:
             "This GGUFQuantizationConfig has no quant_type, so, like diffusers' GGUFQuantizationConfig, it only "
             "loads .gguf files (e.g. load_pipeline(path, transformer='model.gguf', ...)). To quantize "
             f"full-precision weights give quant_type, e.g. GGUFQuantizationConfig(quant_type='Q4_K'); types: "
-            f"{', '.join(GGUF_TYPES)}."
+            f"{', '.join(GGML_TYPES)}."
         )
 
 

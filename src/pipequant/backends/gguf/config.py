@@ -6,8 +6,8 @@ adds `quant_type` (quantize full-precision weights on the fly, streaming or in m
 can only load .gguf files, exactly like diffusers' class; using it on a full-precision component
 is an error that asks for a `quant_type`, raised before any weight is read.
 
-Importable without the ``gguf`` package: the types and their block sizes are listed here, so
-configs are validated, and layer types and sizes decided (`fitting_type`), without it.
+Importable without the ``gguf`` package: the types and their block sizes come from
+`codecs.table`, so configs are validated, and layer types and sizes decided (`fitting_type`), without it.
 """
 
 from __future__ import annotations
@@ -20,15 +20,8 @@ from typing import Any, ClassVar
 import torch
 
 from ..base import BackendConfig, QuantizationConfigError, dtype_from_any, matches_module_pattern
+from .codecs.table import GGML_TYPE_TABLE, GGML_TYPES
 
-#: the GGML types the torch codecs read and write (`pipequant.backends.gguf.GGML_TYPES`), by type id:
-#: (weights per block, bytes per block), as gguf-py's GGML_QUANT_SIZES
-GGUF_TYPE_SIZES: dict[str, tuple[int, int]] = {
-    "F32": (1, 4), "F16": (1, 2), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24),
-    "Q8_0": (32, 34), "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176),
-    "Q6_K": (256, 210), "BF16": (1, 2),
-}
-GGUF_TYPES: tuple[str, ...] = tuple(GGUF_TYPE_SIZES)
 #: what llama.cpp's quantizer uses for rows that K-quant blocks do not divide (it has IQ4_NL for
 #: Q2_K/Q3_K, which pipequant's codecs lack; Q4_0 is the same size); then F16/BF16
 _BLOCK32_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
@@ -41,26 +34,26 @@ def fitting_type(requested: str, row_length: int, source_dtype: torch.dtype) -> 
     The last resort is BF16 for bfloat16 weights (lossless) and F16 otherwise, as llama.cpp does.
     """
     for candidate in (requested, _BLOCK32_FALLBACK.get(requested)):
-        if candidate is not None and row_length % GGUF_TYPE_SIZES[candidate][0] == 0:
+        if candidate is not None and row_length % GGML_TYPE_TABLE[candidate].block_size == 0:
             return candidate
     return "BF16" if source_dtype == torch.bfloat16 else "F16"
 
 
 def row_nbytes(qtype: str, row_length: int) -> int:
     """Bytes of one row of `row_length` weights in `qtype` (a multiple of its block size)."""
-    weights, nbytes = GGUF_TYPE_SIZES[qtype]
-    return row_length // weights * nbytes
+    ggml_type = GGML_TYPE_TABLE[qtype]
+    return row_length // ggml_type.block_size * ggml_type.type_size
 
 
 def check_type_name(value: Any, field_name: str) -> str:
     """A GGML type name in its canonical spelling ("q4_k" -> "Q4_K"), or an error naming the valid ones."""
     name = value.upper() if isinstance(value, str) else value
-    if name in GGUF_TYPES:
+    if name in GGML_TYPES:
         return name
-    close = difflib.get_close_matches(str(name), GGUF_TYPES, n=1)
+    close = difflib.get_close_matches(str(name), GGML_TYPES, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise QuantizationConfigError(
-        f"{field_name}={value!r} is not a GGML type pipequant can write.{hint} Valid types: {', '.join(GGUF_TYPES)}."
+        f"{field_name}={value!r} is not a GGML type pipequant can write.{hint} Valid types: {', '.join(GGML_TYPES)}."
     )
 
 

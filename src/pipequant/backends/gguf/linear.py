@@ -23,7 +23,7 @@ from torch import nn
 
 from .config import fitting_type, row_nbytes
 from .ops import gguf_dequantize
-from .quants import block_size, quantize
+from .codecs import block_size, quantize
 
 
 class GGUFTypeFallbackWarning(UserWarning):

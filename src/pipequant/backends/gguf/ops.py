@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import torch
 
-from .quants import dequantize
+from .codecs import dequantize
 
 
 @torch.library.custom_op("pipequant::gguf_dequantize", mutates_args=())
 def gguf_dequantize(raw: torch.Tensor, ggml_type: str, rows: int, columns: int, dtype: torch.dtype) -> torch.Tensor:
-    """``(rows, columns)`` weights in `dtype` from the GGML blocks `raw` of type `ggml_type` (`quants.dequantize`)."""
+    """``(rows, columns)`` weights in `dtype` from the GGML blocks `raw` of type `ggml_type` (`codecs.dequantize`)."""
     return dequantize(raw, ggml_type, (rows, columns), dtype)
 
 

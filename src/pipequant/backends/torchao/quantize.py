@@ -103,10 +103,15 @@ def _quantize_int8_rows(module: nn.Linear, config: TorchAoConfig, device: torch.
     )
     if not plain_int8:
         return None
-    if not kernels.agrees(int8_rows.torchao_int8_rows(weight[:2]), (template.qdata, template.scale), "torchao"):
+    fused = kernels.checked(
+        kernel=int8_rows.torchao_int8_rows,
+        library=lambda head: (template.qdata, template.scale),  # torchao's own bytes for the head, computed above
+        weight=weight,
+        head=weight[:2],
+        library_name="torchao",
+    )
+    if fused is None:
         return None
-    fused = int8_rows.torchao_int8_rows(weight)
-    assert fused is not None
     data, scale = fused
     zero_point = torch.zeros(scale.shape, dtype=template.zero_point.dtype)
     return _assemble(layer, names, attributes, [data, scale, zero_point], module, device)

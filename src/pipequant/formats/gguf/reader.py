@@ -29,7 +29,7 @@ from gguf.constants import GGUFValueType
 
 from ...checkpoint import CheckpointError
 from ...page_cache import FileRange, OpenFiles, ReadAhead, read_into
-from ...backends.gguf.config import GGUF_TYPES
+from ...backends.gguf.codecs.table import GGML_TYPES
 from .flux_names import flux_tensors_from_bfl, is_bfl_flux, strip_bfl_prefix
 from .header import GGUFHeader, TensorInfo, read_header
 from .metadata import PipequantMetadata
@@ -98,7 +98,7 @@ class TensorPiece:
             return raw.view(torch.float16).reshape(self.shape)
         if self.ggml_type == "BF16":
             return raw.view(torch.bfloat16).reshape(self.shape)
-        from ...backends.gguf.quants import dequantize
+        from ...backends.gguf.codecs import dequantize
 
         return dequantize(raw, self.ggml_type, self.shape)
 
@@ -148,13 +148,13 @@ def _string_field(path: Path, header: GGUFHeader, key: str) -> str | None:
 
 
 def _check_types(path: Path, header: GGUFHeader) -> None:
-    unsupported = [(t.name, t.ggml_type.name) for t in header.tensors if t.ggml_type.name not in GGUF_TYPES]
+    unsupported = [(t.name, t.ggml_type.name) for t in header.tensors if t.ggml_type.name not in GGML_TYPES]
     if unsupported:
         shown = ", ".join(f"{name!r} ({qtype})" for name, qtype in unsupported[:5])
         more = f" and {len(unsupported) - 5} more" if len(unsupported) > 5 else ""
         raise CheckpointError(
             f"{path}: {len(unsupported)} tensors are in GGML types pipequant cannot read: {shown}{more}. "
-            f"Supported types: {', '.join(GGUF_TYPES)}. Use a file quantized to one of those."
+            f"Supported types: {', '.join(GGML_TYPES)}. Use a file quantized to one of those."
         )
 
 

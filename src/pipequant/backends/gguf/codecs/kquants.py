@@ -1,4 +1,4 @@
-"""K-quant codecs (Q2_K..Q6_K): gguf-py's layouts and llama.cpp's reference quantizers.
+"""The K-quant codecs (Q2_K..Q6_K): gguf-py's layouts and llama.cpp's reference quantizers.
 
 gguf-py can only decode K-quants. Encoding reproduces ``quantize_row_q{2..6}_K_ref`` from
 llama.cpp's ``ggml-quants.c`` with its helpers ``make_qkx2_quants`` (Q2_K, Q4_K, Q5_K),
@@ -29,9 +29,9 @@ import functools
 
 import numpy as np
 import torch
-from gguf.constants import QK_K, GGMLQuantizationType
 
-from .quants import GGMLQuant, block_quantizer, absmax_signed, div, fp16_bytes, fp16_value, pack_bits, scale_into, unpack_bits
+from .base import GGMLQuant, absmax_signed, div, fp16_bytes, fp16_value, pack_bits, scale_into, unpack_bits
+from .table import QK_K
 
 GROUP_MAX_EPS = 1e-15
 """Sub-blocks with max |x| below this are stored as zeros (ggml-quants.c)."""
@@ -301,7 +301,7 @@ class _KQuant(GGMLQuant):
     one core, and spread over torch's threads); on other devices, or without the compiled
     module, the torch code below."""
 
-    compiled_quantizer = block_quantizer
+    compiled_quantizer = True
 
 
 class _SuperblockQuant(_KQuant):
@@ -344,7 +344,7 @@ class _SuperblockQuant(_KQuant):
         return (d * sc).unsqueeze(2), (dmin * mn).unsqueeze(2)
 
 
-class Q4_K(_SuperblockQuant, qtype=GGMLQuantizationType.Q4_K):
+class Q4_K(_SuperblockQuant, type_name="Q4_K"):
     nmax, rmin, nstep = 15, -1.0, 20
 
     @classmethod
@@ -360,7 +360,7 @@ class Q4_K(_SuperblockQuant, qtype=GGMLQuantizationType.Q4_K):
         scale_into(out, q, d, sub=dm)
 
 
-class Q5_K(_SuperblockQuant, qtype=GGMLQuantizationType.Q5_K):
+class Q5_K(_SuperblockQuant, type_name="Q5_K"):
     nmax, rmin, nstep = 31, -0.5, 15
 
     @classmethod
@@ -378,7 +378,7 @@ class Q5_K(_SuperblockQuant, qtype=GGMLQuantizationType.Q5_K):
         scale_into(out, ql | qh, d, sub=dm)
 
 
-class Q2_K(_KQuant, qtype=GGMLQuantizationType.Q2_K):
+class Q2_K(_KQuant, type_name="Q2_K"):
     quantize_chunk = 1024
     dequantize_chunk = 4096
 
@@ -409,7 +409,7 @@ class Q2_K(_KQuant, qtype=GGMLQuantizationType.Q2_K):
         scale_into(out, q, dl, sub=ml)
 
 
-class Q3_K(_KQuant, qtype=GGMLQuantizationType.Q3_K):
+class Q3_K(_KQuant, type_name="Q3_K"):
     quantize_chunk = 2048  # the weight-by-weight refinement favors long rows of sub-blocks
     dequantize_chunk = 4096
 
@@ -445,7 +445,7 @@ class Q3_K(_KQuant, qtype=GGMLQuantizationType.Q3_K):
         scale_into(out, ql.view(torch.int8) - qh.view(torch.int8), dl)
 
 
-class Q6_K(_KQuant, qtype=GGMLQuantizationType.Q6_K):
+class Q6_K(_KQuant, type_name="Q6_K"):
     quantize_chunk = 512
     dequantize_chunk = 4096
 
@@ -476,3 +476,6 @@ class Q6_K(_KQuant, qtype=GGMLQuantizationType.Q6_K):
         qh = unpack_bits(blocks[:, 128:192].reshape(-1, 32), 2, at=4).view(-1, 8, 32)
         q = (ql | qh).view(torch.int8).sub_(32)
         scale_into(out, q.view(-1, 16, 16), dl)
+
+
+CODECS: tuple[type[GGMLQuant], ...] = (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)
