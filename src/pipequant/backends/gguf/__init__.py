@@ -1,9 +1,9 @@
-"""GGUF backend: GGML quantization codecs in torch (bit-compatible with gguf-py/llama.cpp), the
-`GGUFLinear` layer, and .gguf file reading and writing.
+"""The GGUF backend: GGML codecs over one type table (`codecs/`, bit-compatible with gguf-py and llama.cpp),
+the `GGUFLinear` layer and its torch custom op (`ops`). Reading and writing .gguf files is
+`pipequant.formats.gguf`'s.
 
-The codecs and the layer need the ``gguf`` package (its type tables); they are imported on first
-use, so `GGUFQuantizationConfig` (in `.config`) can be built and validated without it installed, and the
-backend (`.backend`, the registry's `BACKENDS`) registered.
+The names below are imported on first use, so `GGUFQuantizationConfig` (in `.config`) can be built and
+validated, and the backend registered, without importing the codecs or the ``gguf`` package.
 """
 
 from __future__ import annotations
