@@ -69,7 +69,7 @@ class GGUFParameter(DiffusersGGUFParameter):
 
 
 class GGUFLinear(nn.Module):
-    """A linear layer over raw GGML blocks: `weight` is uint8 ``(out_features, bytes per row)``.
+    """A linear layer over raw GGML blocks: `weight` is a uint8 ``(out_features, bytes per row)`` `GGUFParameter`.
 
     `ggml_type` is the type the bytes are in; `requested_type` is the type asked for when a
     fallback replaced it (None otherwise). The bias stays a plain tensor in `compute_dtype`.
@@ -99,8 +99,8 @@ class GGUFLinear(nn.Module):
         self.ggml_type = ggml_type
         self.requested_type = requested_type
         self.compute_dtype = compute_dtype
-        # a buffer still: state dicts, `.to` and offload hooks move it as before, and no optimizer sees it
-        self.register_buffer("weight", GGUFParameter(weight, quant_type=GGMLQuantizationType[ggml_type]))
+        # a parameter, as diffusers' GGUF weights: accelerate's sequential offload keeps buffers on the accelerator
+        self.weight = GGUFParameter(weight, quant_type=GGMLQuantizationType[ggml_type])
         if bias is None:
             self.register_parameter("bias", None)
         else:
