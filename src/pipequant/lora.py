@@ -124,7 +124,7 @@ def _expand_lora_state_dict(original, transformer: nn.Module, lora_state_dict: d
             continue  # diffusers leaves LoRA layers the model lacks to peft, which ignores them
         if isinstance(layer, BaseTunerLayer):
             layer = layer.get_base_layer()
-        width = layer.weight.shape[1]  # a wider LoRA has widened the layer already (diffusers' Flux Control path)
+        width = layer.weight.shape[1]  # for a wider LoRA, diffusers has widened the layer before this
         if width > lora_a.shape[1]:
             lora_state_dict[key] = torch.cat([lora_a, lora_a.new_zeros(lora_a.shape[0], width - lora_a.shape[1])], 1)
     return lora_state_dict
