@@ -17,17 +17,26 @@ quantized (it carries its `BackendConfig`, `quantizing.LAYER_CONFIG_ATTRIBUTE`),
 
 peft's own dispatchers would take bitsandbytes, torchao and quanto layers with merges that fail, drift or are
 wrong for them (bitsandbytes 4-bit's rebuilds its parameter from the wrong fields, torchao's unmerge quantizes
-weight minus delta again, a plain `lora.Linear` adds to quanto's packed data) and reject `GGUFLinear`. peft takes extra layer types only through `LoraConfig._register_custom_module`, per config, and
+weight minus delta again, a plain `lora.Linear` adds to quanto's packed data) and reject `GGUFLinear`. peft takes
+extra layer types only through `LoraConfig._register_custom_module`, per config, and
 diffusers builds that config inside `load_lora_adapter` with no way in; so `register_with_peft` puts one
 dispatcher in front of peft's list, and it claims only layers pipequant quantized.
+
+Before that, diffusers' Flux `load_lora_weights` compares each LoRA's width with its layer's, which it reads from the
+model's state dict (GGUF weights by their class, `GGUFParameter`, which ours are). A quanto model's state dict holds
+`weight._data` and `weight._scale` and no `weight`, and diffusers fails with a KeyError, on its own quanto models
+too; `register_with_peft` also gives that comparison the layers' own widths for quanto models
+(`_expand_lora_state_dict`).
 """
 
 from __future__ import annotations
 
 import warnings
+from functools import partial
 from typing import Any
 
 import torch
+from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
 from peft.tuners.lora import LoraModel
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
@@ -100,8 +109,38 @@ def _create_new_module(original, lora_config, adapter_name: str, target: nn.Modu
     return QuantizedLoraLinear(target, adapter_name, config=lora_config, **kwargs)
 
 
+def _expand_lora_state_dict(original, transformer: nn.Module, lora_state_dict: dict[str, torch.Tensor]) -> dict:
+    """diffusers' `FluxLoraLoaderMixin._maybe_expand_lora_state_dict`, which zero-pads a LoRA narrower than its layer
+    (a Flux LoRA on Flux Control's wider `x_embedder`), with the widths read from a quanto model's layers: its state
+    dict, where diffusers looks them up, has no `<layer>.weight`."""
+    if getattr(transformer, "quantization_method", None) != "quanto":
+        return original(transformer=transformer, lora_state_dict=lora_state_dict)
+    prefix, suffix = f"{FluxLoraLoaderMixin.transformer_name}.", ".lora_A.weight"
+    for key in [key for key in lora_state_dict if key.startswith(prefix) and key.endswith(suffix)]:
+        name, lora_a = key[len(prefix) : -len(suffix)], lora_state_dict[key]
+        try:
+            layer = transformer.get_submodule(name)
+        except AttributeError:
+            continue  # diffusers leaves LoRA layers the model lacks to peft, which ignores them
+        if isinstance(layer, BaseTunerLayer):
+            layer = layer.get_base_layer()
+        width = layer.weight.shape[1]  # for a wider LoRA, diffusers has widened the layer before this
+        if width > lora_a.shape[1]:
+            lora_state_dict[key] = torch.cat([lora_a, lora_a.new_zeros(lora_a.shape[0], width - lora_a.shape[1])], 1)
+    return lora_state_dict
+
+
 def register_with_peft() -> None:
-    """Route peft's LoRA layer creation for pipequant-quantized layers to `QuantizedLoraLinear` (once)."""
+    """Route peft's LoRA layer creation for pipequant-quantized layers to `QuantizedLoraLinear`, and diffusers'
+    Flux LoRA width check for quanto models to `_expand_lora_state_dict` (once)."""
+    original_expand = FluxLoraLoaderMixin._maybe_expand_lora_state_dict.__func__
+    if not getattr(original_expand, "pipequant", False):
+
+        def expand(cls, transformer: nn.Module, lora_state_dict: dict[str, torch.Tensor]) -> dict:
+            return _expand_lora_state_dict(partial(original_expand, cls), transformer, lora_state_dict)
+
+        expand.pipequant = True  # type: ignore[attr-defined]
+        FluxLoraLoaderMixin._maybe_expand_lora_state_dict = classmethod(expand)
     original = LoraModel._create_new_module
     if getattr(original, "pipequant", False):
         return

@@ -11,14 +11,21 @@ A GGML type stores rows in blocks (32 weights, 256 for the K-quants); a layer wh
 not a multiple gets the type llama.cpp's quantizer picks for such rows instead, or F16/BF16 when
 no block type fits (`config.fitting_type`). That is announced (`GGUFTypeFallbackWarning`, naming the layer and both
 types) and kept on the layer (`requested_type`) for reports: `type_fallbacks(model)`.
+
+The weight is a `GGUFParameter`, diffusers' class for GGUF weights: diffusers' LoRA loaders tell a GGUF weight
+(whose shape counts bytes) by that class and read the layer's real shape from its `quant_shape`, so
+`pipe.load_lora_weights` sizes a LoRA for our layers as for diffusers' own.
 """
 
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from diffusers.quantizers.gguf.utils import GGUFParameter as DiffusersGGUFParameter
+from gguf import GGMLQuantizationType
 from torch import nn
 
 from .config import fitting_type, row_nbytes
@@ -30,8 +37,39 @@ class GGUFTypeFallbackWarning(UserWarning):
     """A layer was stored in another GGML type than asked, because its rows do not fit the type's blocks."""
 
 
+class GGUFParameter(DiffusersGGUFParameter):
+    """diffusers' `GGUFParameter` (raw GGML blocks with `quant_type` and `quant_shape`), with two of its failures
+    fixed: rebuilt from one of its own kind without `quant_type` (`copy.deepcopy` and accelerate's
+    `set_module_tensor_to_device` call ``type(weight)(data, requires_grad)``) it keeps the type, where diffusers'
+    class fails on `GGML_QUANT_SIZES[None]`; and an op's result is a `GGUFParameter` only while it is still blocks
+    (uint8, with a last dimension of bytes), where diffusers' class wraps every result and fails on 0-dim ones
+    (``(weight == other).all()``).
+
+    The class keeps diffusers' name on purpose: diffusers' LoRA code recognises GGUF weights by
+    ``weight.__class__.__name__ == "GGUFParameter"``.
+    """
+
+    def __new__(cls, data: torch.Tensor, requires_grad: bool = False, quant_type: GGMLQuantizationType | None = None):
+        quant_type = quant_type if quant_type is not None else getattr(data, "quant_type", None)
+        if quant_type is None:
+            raise ValueError("a GGUFParameter needs the GGML type of its blocks: pass quant_type")
+        return super().__new__(cls, data, requires_grad, quant_type)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        with torch._C.DisableTorchFunctionSubclass():
+            result = func(*args, **(kwargs or {}))
+        quant_type = cls._extract_quant_type(args)
+
+        def blocks(value: Any) -> Any:
+            is_blocks = isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() > 0
+            return cls(value, quant_type=quant_type) if is_blocks and quant_type is not None else value
+
+        return type(result)(map(blocks, result)) if type(result) in (list, tuple) else blocks(result)
+
+
 class GGUFLinear(nn.Module):
-    """A linear layer over raw GGML blocks: `weight` is uint8 ``(out_features, bytes per row)``.
+    """A linear layer over raw GGML blocks: `weight` is a uint8 ``(out_features, bytes per row)`` `GGUFParameter`.
 
     `ggml_type` is the type the bytes are in; `requested_type` is the type asked for when a
     fallback replaced it (None otherwise). The bias stays a plain tensor in `compute_dtype`.
@@ -61,14 +99,17 @@ class GGUFLinear(nn.Module):
         self.ggml_type = ggml_type
         self.requested_type = requested_type
         self.compute_dtype = compute_dtype
-        self.register_buffer("weight", weight)
+        # a parameter, as diffusers' GGUF weights: accelerate's sequential offload keeps buffers on the accelerator
+        self.weight = GGUFParameter(weight, quant_type=GGMLQuantizationType[ggml_type])
         if bias is None:
             self.register_parameter("bias", None)
         else:
             self.bias = nn.Parameter(bias.to(compute_dtype), requires_grad=False)
 
     def dequantized_weight(self) -> torch.Tensor:
-        return gguf_dequantize(self.weight, self.ggml_type, self.out_features, self.in_features, self.compute_dtype)
+        # the plain tensor: through the subclass, every op's result would be wrapped as a GGUFParameter again
+        raw = self.weight.as_tensor()
+        return gguf_dequantize(raw, self.ggml_type, self.out_features, self.in_features, self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
