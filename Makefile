@@ -21,6 +21,8 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/pipequant demo
 
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 bench: $(STAMP)

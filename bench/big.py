@@ -32,16 +32,25 @@ import sys
 import time
 from pathlib import Path
 
-from pipequant.testing.memory import PeakSampler, anonymous_bytes, rss_high_water_mark
 from table import publish  # run as a script, so this folder is first on sys.path
+
+from pipequant.testing.memory import PeakSampler, anonymous_bytes, rss_high_water_mark
 
 RESULTS = Path(__file__).resolve().parent / "results" / "big.md"
 
 #: FLUX.1-dev's transformer/config.json (the architecture; the weights here are random)
 FLUX_DEV_CONFIG = {
-    "patch_size": 1, "in_channels": 64, "out_channels": None, "num_layers": 19, "num_single_layers": 38,
-    "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
-    "pooled_projection_dim": 768, "guidance_embeds": True, "axes_dims_rope": [16, 56, 56],
+    "patch_size": 1,
+    "in_channels": 64,
+    "out_channels": None,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "guidance_embeds": True,
+    "axes_dims_rope": [16, 56, 56],
 }
 SHARD_BYTES = 2_200_000_000  # about the 2.2 GB of the shards BFL publishes (11 for this model)
 
@@ -160,7 +169,9 @@ CASES = {
     "read": ("plain read", "sequential read of every shard", None),
     "write": ("plain write", "sequential write of the Q4_K file's size, synced", None),
     "pipequant-nf4": (
-        "pipequant", "bnb nf4", _ours("BitsAndBytesConfig", load_in_4bit=True, bnb_4bit_quant_type="nf4")
+        "pipequant",
+        "bnb nf4",
+        _ours("BitsAndBytesConfig", load_in_4bit=True, bnb_4bit_quant_type="nf4"),
     ),
     "pipequant-int8": ("pipequant", "bnb int8", _ours("BitsAndBytesConfig", load_in_8bit=True)),
     "pipequant-torchao-int8wo": ("pipequant", "torchao int8wo", _ours("TorchAoConfig", "int8wo")),
@@ -244,7 +255,9 @@ def run_case(name: str, folder: Path) -> dict:
         elif library == "plain write":
             plain_write(output, write_bytes)
         elif library == "export":
-            pipequant.export_gguf(FluxTransformer2DModel, folder, config, output.with_suffix(".gguf"), torch_dtype=torch.bfloat16)
+            pipequant.export_gguf(
+                FluxTransformer2DModel, folder, config, output.with_suffix(".gguf"), torch_dtype=torch.bfloat16
+            )
         elif library == "diffusers":
             model = FluxTransformer2DModel.from_pretrained(folder, dtype=torch.bfloat16, quantization_config=config)
         else:
@@ -263,9 +276,7 @@ def run_case(name: str, folder: Path) -> dict:
 def largest_layer_nbytes() -> int:
     """bf16 bytes of the largest module that owns weights (what one streamed layer costs in full precision)."""
     model = _empty_model()
-    return max(
-        sum(t.numel() * 2 for t in module.parameters(recurse=False)) for module in model.modules()
-    )
+    return max(sum(t.numel() * 2 for t in module.parameters(recurse=False)) for module in model.modules())
 
 
 def main() -> None:
@@ -288,7 +299,10 @@ def main() -> None:
         for name in args.cases:  # the cases take turns, so a burst of other work hits each alike
             drop_page_cache()
             out = subprocess.run(
-                [sys.executable, __file__, args.folder, "--child", name], capture_output=True, text=True, env=env,
+                [sys.executable, __file__, args.folder, "--child", name],
+                capture_output=True,
+                text=True,
+                env=env,
                 check=False,
             )
             if out.returncode != 0:
@@ -296,19 +310,33 @@ def main() -> None:
                 continue
             result = json.loads(out.stdout.strip().splitlines()[-1])
             runs[name].append(result)
-            print(f"{name}: {result['seconds']:.1f} s, anon +{result['peak_above_baseline'] / 1e9:.2f} GB, "
-                  f"RSS high-water {result['rss_hwm'] / 1e9:.2f} GB", file=sys.stderr)
+            print(
+                f"{name}: {result['seconds']:.1f} s, anon +{result['peak_above_baseline'] / 1e9:.2f} GB, "
+                f"RSS high-water {result['rss_hwm'] / 1e9:.2f} GB",
+                file=sys.stderr,
+            )
     rows = {
         name: {key: statistics.median(r[key] for r in results) for key in results[0]} | {"n": len(results)}
-        for name, results in runs.items() if results
+        for name, results in runs.items()
+        if results
     }
     print_and_write(rows, largest_layer_nbytes(), cold)
 
 
 def print_and_write(rows: dict[str, dict], largest: int, cold: bool) -> None:
     header = [
-        "case", "mode", "runs", "s (median)", "/ read floor", "/ diffusers", "/ max(read, Q4_K load, write)",
-        "model GB", "anon peak GB", "anon / (model + largest)", "RSS high-water GB", "RSS / (model + largest)",
+        "case",
+        "mode",
+        "runs",
+        "s (median)",
+        "/ read floor",
+        "/ diffusers",
+        "/ max(read, Q4_K load, write)",
+        "model GB",
+        "anon peak GB",
+        "anon / (model + largest)",
+        "RSS high-water GB",
+        "RSS / (model + largest)",
     ]
     floor = rows.get("read", {}).get("seconds")
     parts = [rows.get(name, {}).get("seconds") for name in ("read", "pipequant-gguf-q4_k", "write")]
@@ -319,17 +347,22 @@ def print_and_write(rows: dict[str, dict], largest: int, cold: bool) -> None:
         theirs = rows.get(name.replace("pipequant-", "diffusers-")) if name.startswith("pipequant-") else None
         bound = r["model_bytes"] + largest
         quantized = r["model_bytes"] > 0
-        lines.append([
-            name, mode, str(r["n"]), f"{r['seconds']:.1f}",
-            f"{r['seconds'] / floor:.2f}" if floor and name not in ("read", "write") else "-",
-            f"{r['seconds'] / theirs['seconds']:.2f}" if theirs else "-",
-            f"{r['seconds'] / export_bound:.2f}" if export_bound and name == "export-gguf-q4_k" else "-",
-            f"{r['model_bytes'] / 1e9:.2f}" if quantized else "-",
-            f"{r['peak_above_baseline'] / 1e9:.2f}",
-            f"{r['peak_above_baseline'] / bound:.2f}" if quantized else "-",
-            f"{r['rss_hwm'] / 1e9:.2f}",
-            f"{r['rss_hwm'] / bound:.2f}" if quantized else "-",
-        ])
+        lines.append(
+            [
+                name,
+                mode,
+                str(r["n"]),
+                f"{r['seconds']:.1f}",
+                f"{r['seconds'] / floor:.2f}" if floor and name not in ("read", "write") else "-",
+                f"{r['seconds'] / theirs['seconds']:.2f}" if theirs else "-",
+                f"{r['seconds'] / export_bound:.2f}" if export_bound and name == "export-gguf-q4_k" else "-",
+                f"{r['model_bytes'] / 1e9:.2f}" if quantized else "-",
+                f"{r['peak_above_baseline'] / 1e9:.2f}",
+                f"{r['peak_above_baseline'] / bound:.2f}" if quantized else "-",
+                f"{r['rss_hwm'] / 1e9:.2f}",
+                f"{r['rss_hwm'] / bound:.2f}" if quantized else "-",
+            ]
+        )
     import platform
 
     import torch

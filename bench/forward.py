@@ -104,7 +104,9 @@ def load(name: str, folder: Path) -> tuple[torch.nn.Module, float]:
 
     make_config = MODES[name][2]
     started = time.perf_counter()
-    model = load_model(FluxTransformer2DModel, folder, make_config() if make_config else None, torch_dtype=torch.bfloat16)
+    model = load_model(
+        FluxTransformer2DModel, folder, make_config() if make_config else None, torch_dtype=torch.bfloat16
+    )
     return model, time.perf_counter() - started
 
 
@@ -167,13 +169,19 @@ def main() -> None:
     print_and_write(path, rows, args.repeats, (load_before, os.getloadavg()[0]))
 
 
-def print_and_write(
-    path: Path, rows: list[tuple[str, dict]], repeats: int, load_average: tuple[float, float]
-) -> None:
+def print_and_write(path: Path, rows: list[tuple[str, dict]], repeats: int, load_average: tuple[float, float]) -> None:
     baseline = statistics.median(rows[0][1]["wall"])
     header = [
-        "mode", "backend", "quantization", "forward median s", "min-max s", "vs bf16", "CPU s (median)",
-        "model MB", "load s", "rel. error vs bf16",
+        "mode",
+        "backend",
+        "quantization",
+        "forward median s",
+        "min-max s",
+        "vs bf16",
+        "CPU s (median)",
+        "model MB",
+        "load s",
+        "rel. error vs bf16",
     ]
     lines = []
     for name, r in rows:
@@ -181,29 +189,42 @@ def print_and_write(
         if name.endswith(COMPILED):
             mode += f", torch.compile (compiling {r['compile_seconds']:.0f} s)"
         median = statistics.median(r["wall"])
-        lines.append([
-            name, backend, mode, f"{median:.3f}", f"{min(r['wall']):.2f}-{max(r['wall']):.2f}",
-            f"{median / baseline:.2f} x", f"{statistics.median(r['cpu']):.2f}", f"{r['model_bytes'] / 1e6:.0f}",
-            f"{r['load_seconds']:.1f}", f"{r['error']:.4f}",
-        ])
+        lines.append(
+            [
+                name,
+                backend,
+                mode,
+                f"{median:.3f}",
+                f"{min(r['wall']):.2f}-{max(r['wall']):.2f}",
+                f"{median / baseline:.2f} x",
+                f"{statistics.median(r['cpu']):.2f}",
+                f"{r['model_bytes'] / 1e6:.0f}",
+                f"{r['load_seconds']:.1f}",
+                f"{r['error']:.4f}",
+            ]
+        )
     title = (
         f"One forward of a 0.4 B-parameter Flux transformer, {IMAGE_TOKENS} image + {TEXT_TOKENS} text tokens, "
         f"CPU ({torch.get_num_threads()} threads)"
     )
     libraries = ", ".join(f"{name} {version(name)}" for name in ("torch", "bitsandbytes", "torchao", "optimum-quanto"))
-    intro = "\n".join([
-        f"`python bench/forward.py` on {platform.machine()}, {os.cpu_count()} cores ({torch.get_num_threads()} torch "
-        f"threads); {libraries}. Every mode loads the same bf16 checkpoint (`make_tiny_pipeline(..., 'flux', "
-        f"size='bench')`) through pipequant and runs the same seeded inputs: {IMAGE_TOKENS} image tokens and "
-        f"{TEXT_TOKENS} text tokens. All modes are loaded first; after one warm-up forward each, they run "
-        f"round-robin {repeats} times, so a burst of other work hits every mode alike. CPU s is the process's CPU "
-        "time per forward (all threads). Error is the relative L2 distance of the output from the bf16 output. "
-        "Model MB counts real storage (packed data and scales). A compiled row (`--compiled`) runs "
-        "`torch.compile(model, fullgraph=True)` of the same model; its first call, which compiles, is left out.",
-        "",
-        f"Load average (1 min) was {load_average[0]:.1f} at the start and {load_average[1]:.1f} at the end; above the "
-        f"core count ({os.cpu_count()}), other processes shared the cores and the times are noisy.",
-    ])
+    intro = "\n".join(
+        [
+            f"`python bench/forward.py` on {platform.machine()}, {os.cpu_count()} cores ({torch.get_num_threads()} "
+            "torch "
+            f"threads); {libraries}. Every mode loads the same bf16 checkpoint (`make_tiny_pipeline(..., 'flux', "
+            f"size='bench')`) through pipequant and runs the same seeded inputs: {IMAGE_TOKENS} image tokens and "
+            f"{TEXT_TOKENS} text tokens. All modes are loaded first; after one warm-up forward each, they run "
+            f"round-robin {repeats} times, so a burst of other work hits every mode alike. CPU s is the process's CPU "
+            "time per forward (all threads). Error is the relative L2 distance of the output from the bf16 output. "
+            "Model MB counts real storage (packed data and scales). A compiled row (`--compiled`) runs "
+            "`torch.compile(model, fullgraph=True)` of the same model; its first call, which compiles, is left out.",
+            "",
+            f"Load average (1 min) was {load_average[0]:.1f} at the start and {load_average[1]:.1f} at the end; above "
+            "the "
+            f"core count ({os.cpu_count()}), other processes shared the cores and the times are noisy.",
+        ]
+    )
     publish(path, "Forward benchmark", intro, title, header, lines)
 
 

@@ -27,7 +27,6 @@ from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
-
 import gguf  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -20,8 +20,9 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from pipequant.testing.memory import PeakSampler, anonymous_bytes, rss_high_water_mark
 from table import publish  # run as a script, so this folder is first on sys.path
+
+from pipequant.testing.memory import PeakSampler, anonymous_bytes, rss_high_water_mark
 
 RESULTS = Path(__file__).resolve().parent / "results" / "load.md"
 
@@ -51,27 +52,73 @@ def _none():
 CASES = {
     "diffusers-bf16": ("diffusers", "bf16 (no quantization)", _none, "checkpoint"),
     "pipequant-bf16": ("pipequant", "bf16 (no quantization)", _none, "checkpoint"),
-    "pipequant-nf4": ("pipequant", "bnb nf4", _ours("BitsAndBytesConfig", load_in_4bit=True, bnb_4bit_quant_type="nf4"), "checkpoint"),
+    "pipequant-nf4": (
+        "pipequant",
+        "bnb nf4",
+        _ours("BitsAndBytesConfig", load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+        "checkpoint",
+    ),
     "pipequant-nf4-dq": (
-        "pipequant", "bnb nf4 + double quant",
+        "pipequant",
+        "bnb nf4 + double quant",
         _ours("BitsAndBytesConfig", load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
         "checkpoint",
     ),
-    "pipequant-fp4": ("pipequant", "bnb fp4", _ours("BitsAndBytesConfig", load_in_4bit=True, bnb_4bit_quant_type="fp4"), "checkpoint"),
+    "pipequant-fp4": (
+        "pipequant",
+        "bnb fp4",
+        _ours("BitsAndBytesConfig", load_in_4bit=True, bnb_4bit_quant_type="fp4"),
+        "checkpoint",
+    ),
     "pipequant-int8": ("pipequant", "bnb int8", _ours("BitsAndBytesConfig", load_in_8bit=True), "checkpoint"),
     "diffusers-torchao-int8wo": ("diffusers", "torchao int8wo", _diffusers_torchao_int8wo, "checkpoint"),
     "pipequant-torchao-int8wo": ("pipequant", "torchao int8wo", _ours("TorchAoConfig", "int8wo"), "checkpoint"),
-    "diffusers-quanto-int8": ("diffusers", "quanto int8", _diffusers("QuantoConfig", weights_dtype="int8"), "checkpoint"),
+    "diffusers-quanto-int8": (
+        "diffusers",
+        "quanto int8",
+        _diffusers("QuantoConfig", weights_dtype="int8"),
+        "checkpoint",
+    ),
     "pipequant-quanto-int8": ("pipequant", "quanto int8", _ours("QuantoConfig", weights_dtype="int8"), "checkpoint"),
-    "diffusers-quanto-int4": ("diffusers", "quanto int4", _diffusers("QuantoConfig", weights_dtype="int4"), "checkpoint"),
+    "diffusers-quanto-int4": (
+        "diffusers",
+        "quanto int4",
+        _diffusers("QuantoConfig", weights_dtype="int4"),
+        "checkpoint",
+    ),
     "pipequant-quanto-int4": ("pipequant", "quanto int4", _ours("QuantoConfig", weights_dtype="int4"), "checkpoint"),
     "pipequant-gguf-q8_0": ("pipequant", "gguf Q8_0", _ours("GGUFQuantizationConfig", quant_type="Q8_0"), "checkpoint"),
     "pipequant-gguf-q4_k": ("pipequant", "gguf Q4_K", _ours("GGUFQuantizationConfig", quant_type="Q4_K"), "checkpoint"),
-    "pipequant-reload-nf4": ("pipequant", "reload saved bnb nf4", _ours("BitsAndBytesConfig", load_in_4bit=True, bnb_4bit_quant_type="nf4"), "saved"),
-    "pipequant-reload-int8": ("pipequant", "reload saved bnb int8", _ours("BitsAndBytesConfig", load_in_8bit=True), "saved"),
-    "pipequant-reload-torchao-int8wo": ("pipequant", "reload saved torchao int8wo", _ours("TorchAoConfig", "int8wo"), "saved"),
-    "pipequant-reload-quanto-int8": ("pipequant", "reload saved quanto int8", _ours("QuantoConfig", weights_dtype="int8"), "saved"),
-    "pipequant-reload-gguf-q4_k": ("pipequant", "reload saved gguf Q4_K", _ours("GGUFQuantizationConfig", quant_type="Q4_K"), "saved"),
+    "pipequant-reload-nf4": (
+        "pipequant",
+        "reload saved bnb nf4",
+        _ours("BitsAndBytesConfig", load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+        "saved",
+    ),
+    "pipequant-reload-int8": (
+        "pipequant",
+        "reload saved bnb int8",
+        _ours("BitsAndBytesConfig", load_in_8bit=True),
+        "saved",
+    ),
+    "pipequant-reload-torchao-int8wo": (
+        "pipequant",
+        "reload saved torchao int8wo",
+        _ours("TorchAoConfig", "int8wo"),
+        "saved",
+    ),
+    "pipequant-reload-quanto-int8": (
+        "pipequant",
+        "reload saved quanto int8",
+        _ours("QuantoConfig", weights_dtype="int8"),
+        "saved",
+    ),
+    "pipequant-reload-gguf-q4_k": (
+        "pipequant",
+        "reload saved gguf Q4_K",
+        _ours("GGUFQuantizationConfig", quant_type="Q4_K"),
+        "saved",
+    ),
 }
 
 
@@ -185,29 +232,42 @@ def main() -> None:
             print(f"{name} failed:\n{out.stderr[-3000:]}", file=sys.stderr)
             continue
         rows[name] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{name}: {rows[name]['seconds']:.2f} s, peak +{rows[name]['peak_above_baseline'] / 1e9:.3f} GB", file=sys.stderr)
+        print(
+            f"{name}: {rows[name]['seconds']:.2f} s, peak +{rows[name]['peak_above_baseline'] / 1e9:.3f} GB",
+            file=sys.stderr,
+        )
     print_and_write(rows, largest)
 
 
 def print_and_write(rows: dict[str, dict], largest: int) -> None:
     header = [
-        "case", "mode", "load s", "time vs reference", "model GB", "peak anon above baseline GB",
-        "RSS high-water GB", "peak / 1.25 x (model + largest layer)",
+        "case",
+        "mode",
+        "load s",
+        "time vs reference",
+        "model GB",
+        "peak anon above baseline GB",
+        "RSS high-water GB",
+        "peak / 1.25 x (model + largest layer)",
     ]
     lines = []
     for name, r in rows.items():
         _, mode, _, _ = CASES[name]
         reference = reference_case(name)
-        ratio = (
-            f"{r['seconds'] / rows[reference]['seconds']:.2f} x {reference}"
-            if reference in rows else "-"
-        )
+        ratio = f"{r['seconds'] / rows[reference]['seconds']:.2f} x {reference}" if reference in rows else "-"
         bound = 1.25 * (r["model_bytes"] + largest)
-        lines.append([
-            name, mode, f"{r['seconds']:.2f}", ratio,
-            f"{r['model_bytes'] / 1e9:.3f}", f"{r['peak_above_baseline'] / 1e9:.3f}", f"{r['rss_hwm'] / 1e9:.2f}",
-            f"{r['peak_above_baseline'] / bound:.2f} ({'met' if r['peak_above_baseline'] <= bound else 'missed'})",
-        ])
+        lines.append(
+            [
+                name,
+                mode,
+                f"{r['seconds']:.2f}",
+                ratio,
+                f"{r['model_bytes'] / 1e9:.3f}",
+                f"{r['peak_above_baseline'] / 1e9:.3f}",
+                f"{r['rss_hwm'] / 1e9:.2f}",
+                f"{r['peak_above_baseline'] / bound:.2f} ({'met' if r['peak_above_baseline'] <= bound else 'missed'})",
+            ]
+        )
     import platform
 
     import torch

@@ -27,8 +27,22 @@ from table import publish
 
 RESULTS = Path(__file__).resolve().parent / "results" / "lora.md"
 RANK = 16
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff.net.0.proj",
-           "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"]
+TARGETS = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+    "proj_mlp",
+    "proj_out",
+]
 DEFAULT_MODES = ["bf16", "bnb-nf4", "bnb-int8", "torchao-int8wo", "quanto-int8", "gguf-q8_0", "gguf-q4_k"]
 
 
@@ -98,26 +112,52 @@ def main() -> None:
     del reference
     results = run(modes, lora, inputs, args.repeats)
     base = results["bf16"]
-    header = ["mode", "quantization", "LoRA load s", "fuse s", "forward unfused s", "forward fused s",
-              "fused vs bf16 fused", "model MB before", "MB fused + unloaded"]
+    header = [
+        "mode",
+        "quantization",
+        "LoRA load s",
+        "fuse s",
+        "forward unfused s",
+        "forward fused s",
+        "fused vs bf16 fused",
+        "model MB before",
+        "MB fused + unloaded",
+    ]
     lines = [
-        [name, MODES[name][1], f"{r['load']:.2f}", f"{r['fuse']:.2f}", f"{r['unfused']:.3f}", f"{r['fused']:.3f}",
-         f"{r['fused'] / base['fused']:.2f} x", f"{r['before'] / 1e6:.1f}", f"{r['after'] / 1e6:.1f}"]
+        [
+            name,
+            MODES[name][1],
+            f"{r['load']:.2f}",
+            f"{r['fuse']:.2f}",
+            f"{r['unfused']:.3f}",
+            f"{r['fused']:.3f}",
+            f"{r['fused'] / base['fused']:.2f} x",
+            f"{r['before'] / 1e6:.1f}",
+            f"{r['after'] / 1e6:.1f}",
+        ]
         for name, r in results.items()
     ]
-    libraries = ", ".join(f"{n} {version(n)}" for n in ("torch", "diffusers", "peft", "bitsandbytes", "torchao",
-                                                        "optimum-quanto"))
-    intro = "\n".join([
-        f"`python bench/lora.py --repeats {args.repeats}` on {platform.machine()}, {os.cpu_count()} cores "
-        f"({torch.get_num_threads()} torch threads); {libraries}. Each mode loads the 0.4 B-parameter Flux transformer "
-        f"of bench/forward.py, takes a rank-{RANK} LoRA on its {len(TARGETS)} kinds of linear layers through "
-        "`load_lora_adapter`, runs forwards unfused, fuses (`fuse_lora`), runs forwards fused, and unloads the LoRA "
-        "(`unload_lora`, keeping the fused weights). All modes are loaded first; forward times are medians of "
-        f"{args.repeats} forwards of bench/forward.py's inputs per mode, the modes taking turns after a warm-up each. Model MB counts real storage (packed data and scales) before the LoRA and after fusing and unloading.",
-        "",
-        f"Load average (1 min) was {load_before:.1f} at the start and {os.getloadavg()[0]:.1f} at the end; above the "
-        f"core count ({os.cpu_count()}), other processes shared the cores and the times are noisy.",
-    ])
+    libraries = ", ".join(
+        f"{n} {version(n)}" for n in ("torch", "diffusers", "peft", "bitsandbytes", "torchao", "optimum-quanto")
+    )
+    intro = "\n".join(
+        [
+            f"`python bench/lora.py --repeats {args.repeats}` on {platform.machine()}, {os.cpu_count()} cores "
+            f"({torch.get_num_threads()} torch threads); {libraries}. Each mode loads the 0.4 B-parameter Flux "
+            "transformer "
+            f"of bench/forward.py, takes a rank-{RANK} LoRA on its {len(TARGETS)} kinds of linear layers through "
+            "`load_lora_adapter`, runs forwards unfused, fuses (`fuse_lora`), runs forwards fused, and unloads the "
+            "LoRA "
+            "(`unload_lora`, keeping the fused weights). All modes are loaded first; forward times are medians of "
+            f"{args.repeats} forwards of bench/forward.py's inputs per mode, the modes taking turns after a warm-up "
+            "each. Model MB counts real storage (packed data and scales) before the LoRA and after fusing and "
+            "unloading.",
+            "",
+            f"Load average (1 min) was {load_before:.1f} at the start and {os.getloadavg()[0]:.1f} at the end; above "
+            "the "
+            f"core count ({os.cpu_count()}), other processes shared the cores and the times are noisy.",
+        ]
+    )
     title = f"Rank-{RANK} LoRA on a 0.4 B-parameter Flux transformer, CPU"
     publish(RESULTS, "LoRA benchmark", intro, title, header, lines)
 

@@ -45,10 +45,17 @@ def main() -> None:
                 )
             )
             chunks = best_seconds(
-                lambda: bnb_chunked._by_slices(weight.reshape(-1), 64, quant_type, torch.uint8, bnb_chunked.CHUNK_ELEMENTS)
+                lambda: bnb_chunked._by_slices(
+                    weight.reshape(-1), 64, quant_type, torch.uint8, bnb_chunked.CHUNK_ELEMENTS
+                )
             )
-            rows.append((f"{shape[0]}x{shape[1]}", quant_type, megabytes / theirs, megabytes / compiled, megabytes / chunks))
-    header = "| weight | type | bitsandbytes quantize_4bit MB/s | pipequant compiled MB/s | ratio | pipequant chunks MB/s | ratio |"
+            rows.append(
+                (f"{shape[0]}x{shape[1]}", quant_type, megabytes / theirs, megabytes / compiled, megabytes / chunks)
+            )
+    header = (
+        "| weight | type | bitsandbytes quantize_4bit MB/s | pipequant compiled MB/s | ratio "
+        "| pipequant chunks MB/s | ratio |"
+    )
     lines = [header, "|---|---|---|---|---|---|---|"]
     lines += [f"| {w} | {t} | {a:.0f} | {b:.0f} | {b / a:.2f} x | {c:.0f} | {c / a:.2f} x |" for w, t, a, b, c in rows]
     text = "\n".join(lines)

@@ -29,7 +29,9 @@ def main() -> None:
     from pipequant.presets import PRESETS, usable
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--modes", nargs="*", default=None, help=f"modes to run (default: all that run on CPU): {', '.join(PRESETS)}")
+    parser.add_argument(
+        "--modes", nargs="*", default=None, help=f"modes to run (default: all that run on CPU): {', '.join(PRESETS)}"
+    )
     args = parser.parse_args()
     modes = args.modes or [mode for mode in PRESETS if usable(mode, torch.device("cpu"))]
     rows = run(modes)
@@ -44,10 +46,10 @@ def run(modes: list[str]) -> list[dict]:
     from transformers import BertModel
 
     from pipequant import load_model
-    from pipequant.testing.fixtures import tiny_pipeline_cache_dir
-    from pipequant.testing.minilm import SENTENCES, minilm_folder, sentence_embeddings
     from pipequant.presets import preset
     from pipequant.report import component_memory
+    from pipequant.testing.fixtures import tiny_pipeline_cache_dir
+    from pipequant.testing.minilm import SENTENCES, minilm_folder, sentence_embeddings
 
     folder = minilm_folder(tiny_pipeline_cache_dir() / "all-MiniLM-L6-v2")
     reference = load_model(BertModel, folder)
@@ -60,7 +62,17 @@ def run(modes: list[str]) -> list[dict]:
             model = load_model(BertModel, folder, preset(mode))
         seconds = time.perf_counter() - started
         embeddings = sentence_embeddings(model, folder, SENTENCES)
-        rows.append(_row(mode, component_memory("bert", model).backend, model, reference, embeddings, reference_embeddings, seconds))
+        rows.append(
+            _row(
+                mode,
+                component_memory("bert", model).backend,
+                model,
+                reference,
+                embeddings,
+                reference_embeddings,
+                seconds,
+            )
+        )
         print(f"{mode}: done in {seconds:.1f} s", flush=True)
         del model
     return rows
@@ -68,9 +80,9 @@ def run(modes: list[str]) -> list[dict]:
 
 def _row(mode, backend, model, reference, embeddings, reference_embeddings, seconds) -> dict:
     from pipequant.backends import get_backend
+    from pipequant.planning.sensitivity import reconstruction_error
     from pipequant.quantizing import RECORD_ATTRIBUTE
     from pipequant.report import component_memory
-    from pipequant.planning.sensitivity import reconstruction_error
 
     cosine = torch.nn.functional.cosine_similarity(embeddings, reference_embeddings)
     record = getattr(model, RECORD_ATTRIBUTE, None)
@@ -105,7 +117,8 @@ def _notes(model) -> str:
 
 def render(rows: list[dict]) -> str:
     lines = [
-        "| mode | backend | quantized layers | weight rel. error | cosine mean | cosine min | model MB | load s | notes |",
+        "| mode | backend | quantized layers | weight rel. error | cosine mean | cosine min | model MB | load s | "
+        "notes |",
         "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
@@ -131,7 +144,8 @@ def header() -> str:
     return (
         "# Quality on real weights: all-MiniLM-L6-v2\n\n"
         f"`python bench/quality.py` on {platform.machine()}, {torch.get_num_threads()} torch threads; {versions}. "
-        "all-MiniLM-L6-v2 (BertModel, 22.7 M parameters, 37 linear layers (6 blocks x 6, and the pooler) of 384 or 1536 inputs; the word "
+        "all-MiniLM-L6-v2 (BertModel, 22.7 M parameters, 37 linear layers (6 blocks x 6, and the pooler) of 384 or "
+        "1536 inputs; the word "
         "embeddings, 11.7 M parameters, stay float32) is loaded through pipequant in float32 and in each mode. "
         f"Cosine: similarity of each of {len(SENTENCES)} sentences' mean-pooled embedding to the float32 one "
         "(mean and worst). Weight rel. error: ||W - W'|| / ||W|| over the quantized linear layers, "

@@ -25,8 +25,9 @@ from pipequant.testing.fixtures import make_tiny_pipeline
 
 FUZZ_EXAMPLES = int(os.environ.get("PIPEQUANT_FUZZ_EXAMPLES", "300"))
 INDEX = "diffusion_pytorch_model.safetensors.index.json"
-INT8 = PipelineQuantizationConfig(quant_backend="bitsandbytes_8bit", quant_kwargs={"load_in_8bit": True},
-                                  components_to_quantize=["transformer"])
+INT8 = PipelineQuantizationConfig(
+    quant_backend="bitsandbytes_8bit", quant_kwargs={"load_in_8bit": True}, components_to_quantize=["transformer"]
+)
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +59,13 @@ def every_reader_refuses(pipeline: Path, match: str) -> None:
 
 @pytest.mark.parametrize("name", ["../outside.safetensors", "/etc/passwd", "sub/x.safetensors", "..", "a\\b"])
 def test_shard_names_leading_out_of_the_folder_are_refused(sharded, tmp_path, name):
-    (tmp_path / "outside.safetensors").write_bytes((sharded / "transformer" / next(
-        iter(json.loads((sharded / "transformer" / INDEX).read_text())["weight_map"].values()))).read_bytes())
+    (tmp_path / "outside.safetensors").write_bytes(
+        (
+            sharded
+            / "transformer"
+            / next(iter(json.loads((sharded / "transformer" / INDEX).read_text())["weight_map"].values()))
+        ).read_bytes()
+    )
 
     def point_out(weight_map):
         weight_map[next(iter(weight_map))] = name
@@ -112,8 +118,10 @@ def test_an_index_of_the_wrong_shape_is_named(sharded, tmp_path, content, match)
 _FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 _JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=12) | st.sampled_from(["..", "/etc/passwd", "a/b"]),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(["weight_map", "metadata", "w"]) |
-                                                                 st.text(max_size=6), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.sampled_from(["weight_map", "metadata", "w"]) | st.text(max_size=6), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 
@@ -143,8 +151,9 @@ _VALID = _safetensors_bytes()
 
 
 @_FUZZ
-@given(st.lists(st.tuples(st.integers(0, len(_VALID) - 1), st.integers(0, 255)), max_size=6),
-       st.integers(0, len(_VALID)))
+@given(
+    st.lists(st.tuples(st.integers(0, len(_VALID) - 1), st.integers(0, 255)), max_size=6), st.integers(0, len(_VALID))
+)
 def test_fuzz_safetensors_files(changes, cut):
     data = bytearray(_VALID)
     for at, value in changes:

@@ -47,9 +47,20 @@ def test_quantize_saves_a_folder_that_inspect_describes_and_that_reloads(flux_pa
     result = runner.invoke(
         app,
         [
-            "quantize", str(flux_path), "--backend", "bitsandbytes_4bit", "--out", str(out),
-            "--component", "transformer", "--kwargs", "bnb_4bit_quant_type=nf4",
-            "--kwargs", "bnb_4bit_use_double_quant=true", "--dtype", "bfloat16",
+            "quantize",
+            str(flux_path),
+            "--backend",
+            "bitsandbytes_4bit",
+            "--out",
+            str(out),
+            "--component",
+            "transformer",
+            "--kwargs",
+            "bnb_4bit_quant_type=nf4",
+            "--kwargs",
+            "bnb_4bit_use_double_quant=true",
+            "--dtype",
+            "bfloat16",
         ],
     )
     assert result.exit_code == 0, result.output
@@ -64,8 +75,17 @@ def test_quantize_saves_a_folder_that_inspect_describes_and_that_reloads(flux_pa
 
 def test_quantize_names_a_bad_option(flux_path, tmp_path):
     result = runner.invoke(
-        app, ["quantize", str(flux_path), "--backend", "bitsandbytes_4bit", "--out", str(tmp_path / "x"),
-              "--kwargs", "bnb_4bit_quant_typ=nf4"],
+        app,
+        [
+            "quantize",
+            str(flux_path),
+            "--backend",
+            "bitsandbytes_4bit",
+            "--out",
+            str(tmp_path / "x"),
+            "--kwargs",
+            "bnb_4bit_quant_typ=nf4",
+        ],
     )
     assert result.exit_code == 2
     assert "Did you mean 'bnb_4bit_quant_type'" in result.stderr
@@ -74,8 +94,10 @@ def test_quantize_names_a_bad_option(flux_path, tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["quantize", "{flux}", "--backend", "torchao", "--kwargs", "quant_type=int8w", "--out", "{tmp}/x"],
-         "Did you mean 'int8wo'?"),
+        (
+            ["quantize", "{flux}", "--backend", "torchao", "--kwargs", "quant_type=int8w", "--out", "{tmp}/x"],
+            "Did you mean 'int8wo'?",
+        ),
         (["plan", "{flux}", "--budget", "1KB"], "No plan fits 1.00 kB"),
         (["inspect", "{flux}", "--config", "bnb-nf5"], "bnb-nf5"),
         (["inspect", "{tmp}"], "has no model_index.json"),

@@ -7,8 +7,8 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 from pipequant import load_model
-from pipequant.backends.gguf.linear import GGUFLinear
 from pipequant.backends.gguf.codecs import dequantize
+from pipequant.backends.gguf.linear import GGUFLinear
 
 
 def transformer_inputs(config, timestep: float, dtype: torch.dtype = torch.float32) -> dict:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import struct
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,8 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from pipequant import CheckpointError, PipelineFolderError, allow_library, estimate, load_pipeline
-from pipequant import component_classes
+from pipequant import CheckpointError, PipelineFolderError, allow_library, component_classes, estimate, load_pipeline
 from pipequant.loading import read_pipeline_index
 
 FUZZ_EXAMPLES = int(os.environ.get("PIPEQUANT_FUZZ_EXAMPLES", "300"))
@@ -75,16 +74,32 @@ def test_an_index_of_the_wrong_shape_is_a_pipeline_folder_error(tmp_path, conten
         load_pipeline(tmp_path)
 
 
-_NAMES = st.sampled_from(["diffusers", "transformers", "os", "this", "FluxPipeline", "CLIPTokenizer", "AutoModel",
-                          "FluxTransformer2DModel", "ModelMixin", "__class__", "pipeline", "x"])
+_NAMES = st.sampled_from(
+    [
+        "diffusers",
+        "transformers",
+        "os",
+        "this",
+        "FluxPipeline",
+        "CLIPTokenizer",
+        "AutoModel",
+        "FluxTransformer2DModel",
+        "ModelMixin",
+        "__class__",
+        "pipeline",
+        "x",
+    ]
+)
 _VALUES = st.none() | st.booleans() | st.integers() | _NAMES | st.lists(st.none() | _NAMES, max_size=3)
 
 
 @settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.one_of(
-    st.dictionaries(st.sampled_from(["_class_name", "transformer", "tokenizer", "scheduler", "flag"]), _VALUES),
-    _VALUES,
-).map(json.dumps))
+@given(
+    st.one_of(
+        st.dictionaries(st.sampled_from(["_class_name", "transformer", "tokenizer", "scheduler", "flag"]), _VALUES),
+        _VALUES,
+    ).map(json.dumps)
+)
 def test_fuzz_model_index_files(content):
     """Any index resolves to allowed classes or is one PipelineFolderError, and imports nothing else."""
     with tempfile.TemporaryDirectory() as folder:
@@ -92,8 +107,10 @@ def test_fuzz_model_index_files(content):
         try:
             index = read_pipeline_index(folder)
             models, others = index.split_components()
-            assert all(index.component_class(name).__module__.split(".")[0] in ("diffusers", "transformers")
-                       for name in models + others)
+            assert all(
+                index.component_class(name).__module__.split(".")[0] in ("diffusers", "transformers")
+                for name in models + others
+            )
         except PipelineFolderError as error:
             assert str(error).startswith(str(Path(folder) / "model_index.json"))
     assert "this" not in sys.modules

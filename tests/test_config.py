@@ -70,7 +70,9 @@ def test_component_that_is_not_a_model_is_an_error():
 
 
 def test_mapping_value_that_is_not_a_config_is_an_error():
-    with pytest.raises(QuantizationConfigError, match=r"quant_mapping\['transformer'\] is a dict, not a quantization config"):
+    with pytest.raises(
+        QuantizationConfigError, match=r"quant_mapping\['transformer'\] is a dict, not a quantization config"
+    ):
         PipelineQuantizationConfig(quant_mapping={"transformer": {"load_in_4bit": True}})
 
 

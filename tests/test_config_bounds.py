@@ -32,8 +32,9 @@ def edited(source, target, component: str, **fields):
         ("text_encoder", "num_hidden_layers", 10**6, "num_hidden_layers = 1000000"),
     ],
 )
-def test_a_config_the_weights_cannot_fill_is_refused_before_building(flux_path, tmp_path, component, field, value,
-                                                                      match):
+def test_a_config_the_weights_cannot_fill_is_refused_before_building(
+    flux_path, tmp_path, component, field, value, match
+):
     folder = edited(flux_path, tmp_path / "pipe", component, **{field: value})
     with pytest.raises(CheckpointError, match=f"{component}/config.json: {match}"):
         load_pipeline(folder)

@@ -19,6 +19,12 @@ def test_flux_quantizes_onto_the_gpu_and_generates(flux_path, backend):
     assert isinstance(layer, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
     assert layer.weight.device.type == "cuda"
     assert all(p.device.type == "cuda" for p in pipe.vae.parameters())
-    image = pipe("photo of a cute dog", num_inference_steps=2, height=64, width=64, output_type="np",
-                 generator=torch.Generator("cuda").manual_seed(0)).images[0]
+    image = pipe(
+        "photo of a cute dog",
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        output_type="np",
+        generator=torch.Generator("cuda").manual_seed(0),
+    ).images[0]
     assert image.shape == (64, 64, 3)

@@ -19,7 +19,8 @@ import pipequant as pq
 BACKENDS = {
     "torchao-int8wo": (lambda: pq.TorchAoConfig("int8wo"), lambda: diffusers.TorchAoConfig(Int8WeightOnlyConfig())),
     "quanto-int8": (
-        lambda: pq.QuantoConfig(weights_dtype="int8"), lambda: diffusers.QuantoConfig(weights_dtype="int8")
+        lambda: pq.QuantoConfig(weights_dtype="int8"),
+        lambda: diffusers.QuantoConfig(weights_dtype="int8"),
     ),
 }
 
@@ -94,7 +95,10 @@ def test_torchao_folders_in_the_old_form_still_load(flux_path, tmp_path, generat
     config_path = folder / "transformer" / "config.json"
     model_config = json.loads(config_path.read_text())
     model_config["quantization_config"] = {
-        "quant_method": "torchao", "quant_type": "int8wo", "quant_type_kwargs": {}, "modules_to_not_convert": None,
+        "quant_method": "torchao",
+        "quant_type": "int8wo",
+        "quant_type_kwargs": {},
+        "modules_to_not_convert": None,
     }
     config_path.write_text(json.dumps(model_config))
     weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"

@@ -10,8 +10,14 @@ import pytest
 import torch
 
 import pipequant
-from pipequant import CheckpointError, DeviceError, PipelineFolderError, PipelineQuantizationConfig, load_pipeline
-from pipequant import loading
+from pipequant import (
+    CheckpointError,
+    DeviceError,
+    PipelineFolderError,
+    PipelineQuantizationConfig,
+    load_pipeline,
+    loading,
+)
 
 INT8 = PipelineQuantizationConfig(
     quant_backend="bitsandbytes_8bit", quant_kwargs={"load_in_8bit": True}, components_to_quantize=["transformer"]
@@ -83,8 +89,13 @@ def test_subfolder_and_hub_keywords_reach_the_hub_cache(flux_path, tmp_path, mon
     (repo / "refs" / "main").write_text(commit)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     pipe = load_pipeline(
-        "tiny/flux", subfolder="pipe", revision="main", cache_dir=tmp_path / "cache", local_files_only=True,
-        token=False, torch_dtype=torch.bfloat16,
+        "tiny/flux",
+        subfolder="pipe",
+        revision="main",
+        cache_dir=tmp_path / "cache",
+        local_files_only=True,
+        token=False,
+        torch_dtype=torch.bfloat16,
     )
     assert type(pipe).__name__ == "FluxPipeline"
     with pytest.raises(PipelineFolderError, match="fetching it from the Hub failed"):

@@ -18,8 +18,8 @@ from pipequant import (
     load_pipeline,
     quantize_pipeline,
 )
-from pipequant.testing.fixtures import make_tiny_pipeline
 from pipequant.report import memory_report
+from pipequant.testing.fixtures import make_tiny_pipeline
 
 NF4 = PipelineQuantizationConfig(
     quant_backend="bitsandbytes_4bit",
@@ -122,7 +122,9 @@ def test_memory_report_counts_real_bytes(flux_path):
     rows = {row.name: row for row in memory_report(pipe)}
     transformer = rows["transformer"]
     assert transformer.backend == "bitsandbytes_4bit"
-    assert transformer.parameters == sum(p.numel() for p in DiffusionPipeline.from_pretrained(flux_path).transformer.parameters())
+    assert transformer.parameters == sum(
+        p.numel() for p in DiffusionPipeline.from_pretrained(flux_path).transformer.parameters()
+    )
     assert transformer.bytes_before == 2 * transformer.parameters  # bfloat16, no buffers stored
     assert transformer.bytes_after < 0.45 * transformer.bytes_before
     state_bytes = sum(t.numel() * t.element_size() for t in pipe.transformer.state_dict().values())
@@ -155,7 +157,9 @@ def test_missing_and_unexpected_keys_are_named(flux_path, tmp_path):
     del state["proj_out.weight"]
     state["extra.weight"] = torch.zeros(1)
     save_file(state, weights)
-    with pytest.raises(CheckpointError, match=r"missing 1 keys.*proj_out\.weight.*1 keys the model does not have.*extra\.weight"):
+    with pytest.raises(
+        CheckpointError, match=r"missing 1 keys.*proj_out\.weight.*1 keys the model does not have.*extra\.weight"
+    ):
         load_pipeline(broken, quantization_config=NF4)
 
 

@@ -97,8 +97,9 @@ def mean_difference(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def quantized_pipeline(path, config, dtype: torch.dtype = torch.bfloat16, component: str = "transformer"):
-    return load_pipeline(path, quantization_config=PipelineQuantizationConfig(quant_mapping={component: config}),
-                         torch_dtype=dtype)
+    return load_pipeline(
+        path, quantization_config=PipelineQuantizationConfig(quant_mapping={component: config}), torch_dtype=dtype
+    )
 
 
 @pytest.mark.slow

@@ -64,15 +64,27 @@ def test_sequentially_offloaded_quantized_weights_leave_memory_and_give_the_same
 @pytest.mark.cuda
 @pytest.mark.parametrize(
     ("mode", "use_stream"),
-    [("model", False), ("sequential", False), ("block_level", False), ("block_level", True), ("leaf_level", False),
-     ("leaf_level", True)],
+    [
+        ("model", False),
+        ("sequential", False),
+        ("block_level", False),
+        ("block_level", True),
+        ("leaf_level", False),
+        ("leaf_level", True),
+    ],
 )
 def test_offloaded_quantized_pipeline_on_cuda_matches_the_pipeline_on_cuda(flux_path, each_backend, mode, use_stream):
     config = PipelineQuantizationConfig(quant_mapping={"transformer": each_backend})
 
     def image(pipe):
-        return pipe("photo of a cute dog", num_inference_steps=2, height=64, width=64, output_type="np",
-                    generator=torch.Generator("cuda").manual_seed(0)).images[0]
+        return pipe(
+            "photo of a cute dog",
+            num_inference_steps=2,
+            height=64,
+            width=64,
+            output_type="np",
+            generator=torch.Generator("cuda").manual_seed(0),
+        ).images[0]
 
     expected = image(load_pipeline(flux_path, quantization_config=config, torch_dtype=torch.bfloat16, device="cuda"))
     pipe = load_pipeline(flux_path, quantization_config=config, torch_dtype=torch.bfloat16)

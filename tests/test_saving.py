@@ -25,11 +25,12 @@ from pipequant import (
     QuantizationConfigError,
     QuantoConfig,
     TorchAoConfig,
+    atomic,
     load_pipeline,
     save_model,
     save_pipeline,
+    saving,
 )
-from pipequant import atomic, saving
 
 TESTS = Path(__file__).parent
 
@@ -40,8 +41,10 @@ MODES = {
 }
 #: every backend and mode that runs on CPU: (config, load dtype, layer class the reload must hold)
 ROUND_TRIPS = {
-    **{f"bnb-{mode}": (BitsAndBytesConfig(**kwargs), None, "Linear8bitLt" if mode == "int8" else "Linear4bit")
-       for mode, kwargs in MODES.items()},
+    **{
+        f"bnb-{mode}": (BitsAndBytesConfig(**kwargs), None, "Linear8bitLt" if mode == "int8" else "Linear4bit")
+        for mode, kwargs in MODES.items()
+    },
     "torchao-int8wo": (TorchAoConfig("int8wo"), torch.bfloat16, "Int8Tensor"),
     "torchao-uint4wo": (TorchAoConfig("uint4wo"), torch.bfloat16, "IntxUnpackedToInt8Tensor"),
     "quanto-int8": (QuantoConfig(weights_dtype="int8"), torch.bfloat16, "QLinear"),
@@ -78,7 +81,9 @@ def fingerprints(pipe) -> dict[str, list[str]]:
 
 def layer_classes(model: torch.nn.Module) -> set[str]:
     """Class names of the modules and of their weights (torchao keeps nn.Linear with a subclass weight)."""
-    return {type(m).__name__ for m in model.modules()} | {type(getattr(m, "weight", None)).__name__ for m in model.modules()}
+    return {type(m).__name__ for m in model.modules()} | {
+        type(getattr(m, "weight", None)).__name__ for m in model.modules()
+    }
 
 
 def image(pipe) -> np.ndarray:
@@ -371,7 +376,9 @@ def test_stored_layer_that_does_not_fit_is_a_clear_error(saved_nf4: Path, tmp_pa
         load_pipeline(folder)
 
 
-def test_a_bfloat16_pipeline_reloads_in_bfloat16_without_a_torch_dtype(flux_path: Path, tmp_path: Path, generate) -> None:
+def test_a_bfloat16_pipeline_reloads_in_bfloat16_without_a_torch_dtype(
+    flux_path: Path, tmp_path: Path, generate
+) -> None:
     config = PipelineQuantizationConfig(quant_mapping={"transformer": QuantoConfig(weights_dtype="int8")})
     pipe = load_pipeline(flux_path, quantization_config=config, torch_dtype=torch.bfloat16)
     saved = save_pipeline(pipe, tmp_path / "saved")

@@ -18,10 +18,10 @@ from .devices import DeviceError
 from .formats.gguf.saving import export_gguf, save_gguf
 from .loading import PipelineFolderError, load_model, load_pipeline, quantize_pipeline
 from .planning import BudgetError, plan
+from .planning.sizing import estimate
 from .quality import compare
 from .quantizing import quantize_model
 from .saving import save_model, save_pipeline
-from .planning.sizing import estimate
 
 __all__ = [
     "BitsAndBytesConfig",

@@ -83,7 +83,9 @@ def _predicted_layout(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str
         if tensor.element_size() == 1 and first_byte_tensor is None:
             first_byte_tensor = offset
         header[name] = {
-            "dtype": _NAMES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]
+            "dtype": _NAMES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + nbytes],
         }
         offset += nbytes
     return len(json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()), first_byte_tensor

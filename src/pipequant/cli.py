@@ -29,7 +29,12 @@ from .ui import format_bytes
 
 #: errors whose message says what is wrong and how to fix it: shown as one line, without a traceback
 USER_ERRORS = (
-    QuantizationConfigError, PipelineFolderError, CheckpointError, BudgetError, DeviceError, MissingBackendError,
+    QuantizationConfigError,
+    PipelineFolderError,
+    CheckpointError,
+    BudgetError,
+    DeviceError,
+    MissingBackendError,
     FileExistsError,
 )
 
@@ -49,8 +54,10 @@ class _Commands(typer.core.TyperGroup):
 
 
 app = typer.Typer(
-    cls=_Commands, help="Load diffusion pipelines and quantize their components while they load.",
-    no_args_is_help=True, pretty_exceptions_show_locals=False,
+    cls=_Commands,
+    help="Load diffusion pipelines and quantize their components while they load.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
 )
 # Wide enough for the tables when output is not a terminal (CI logs, pipes).
 console = Console(width=None if Console().is_terminal else 200)
@@ -63,16 +70,20 @@ def _options(
     """Load diffusion pipelines and quantize their components while they load."""
 
 
-
 @app.command()
 def inspect(
     path: str = typer.Argument(..., help="Pipeline folder or Hub repo id."),
     config: str = typer.Option(
-        None, help="Also estimate the bytes loading with this config would hold: MODE[:COMPONENTS], "
-        "BACKEND[:COMPONENTS] or a .json file (see `pipequant plan --out`)."
+        None,
+        help="Also estimate the bytes loading with this config would hold: MODE[:COMPONENTS], "
+        "BACKEND[:COMPONENTS] or a .json file (see `pipequant plan --out`).",
     ),
-    load_dtype: str = typer.Option(None, "--dtype", help="Load dtype of the estimate, e.g. bfloat16 (default: as stored)."),
-    all_modes: bool = typer.Option(False, "--all-modes", help="Also estimate every component in every mode that runs on CPU."),
+    load_dtype: str = typer.Option(
+        None, "--dtype", help="Load dtype of the estimate, e.g. bfloat16 (default: as stored)."
+    ),
+    all_modes: bool = typer.Option(
+        False, "--all-modes", help="Also estimate every component in every mode that runs on CPU."
+    ),
 ) -> None:
     """Show each component: class, parameters, stored dtypes and bytes (read from file headers, no weights loaded).
 
@@ -109,8 +120,12 @@ def inspect(
             nbytes += count * (SAFETENSORS_DTYPES[dtype].itemsize if dtype in SAFETENSORS_DTYPES else 1)
         total += nbytes
         table.add_row(
-            name, f"{entry[0]}.{entry[1]}", str(len(checkpoint.keys())), f"{elements / 1e6:.2f} M",
-            ", ".join(d for d, _ in dtypes.most_common()), format_bytes(nbytes),
+            name,
+            f"{entry[0]}.{entry[1]}",
+            str(len(checkpoint.keys())),
+            f"{elements / 1e6:.2f} M",
+            ", ".join(d for d, _ in dtypes.most_common()),
+            format_bytes(nbytes),
             _stored_quantization(index.folder / name),
         )
     table.add_row("total", "", "", "", "", format_bytes(total), "", style="bold")
@@ -131,7 +146,8 @@ def demo(
     out: Path = typer.Option(Path("pipequant-demo"), help="Folder for the generated image."),
     size: str = typer.Option("tiny", help="Transformer size: tiny, or bench (about 0.4 B parameters)."),
 ) -> None:
-    """Build a small Flux pipeline offline, load it with bitsandbytes nf4, generate an image, print memory before/after."""
+    """Build a small Flux pipeline offline, load it with bitsandbytes nf4, generate an image, print memory
+    before/after."""
     import torch
 
     from . import PipelineQuantizationConfig, load_pipeline
@@ -156,13 +172,18 @@ def demo(
 
     started = time.perf_counter()
     image = pipe(
-        "photo of a cute dog", num_inference_steps=4, height=64, width=64,
+        "photo of a cute dog",
+        num_inference_steps=4,
+        height=64,
+        width=64,
         generator=torch.Generator().manual_seed(0),
     ).images[0]
     out.mkdir(parents=True, exist_ok=True)
     image_path = out / "demo.png"
     image.save(image_path)
-    console.print(f"Generated {image.size[0]}x{image.size[1]} image in {time.perf_counter() - started:.2f} s: {image_path}")
+    console.print(
+        f"Generated {image.size[0]}x{image.size[1]} image in {time.perf_counter() - started:.2f} s: {image_path}"
+    )
 
 
 def _backends_help() -> str:
@@ -176,7 +197,9 @@ def _backends_help() -> str:
 def quantize(
     path: str = typer.Argument(..., help="Pipeline folder or Hub repo id."),
     backend: str = typer.Option(..., help=_backends_help()),
-    out: Path = typer.Option(..., help="Folder for the quantized pipeline, or a .gguf file (one GGUF-quantized component)."),
+    out: Path = typer.Option(
+        ..., help="Folder for the quantized pipeline, or a .gguf file (one GGUF-quantized component)."
+    ),
     components: list[str] = typer.Option(
         [], "--component", "--components", help="Component to quantize (repeatable; default: every model component)."
     ),
@@ -185,8 +208,9 @@ def quantize(
     ),
     qtype: str = typer.Option(None, "--type", help="The config's quant_type, the same as --kwargs quant_type=TYPE."),
     rule: list[str] = typer.Option(
-        [], "--rule", help="PATTERN=TYPE, an entry of the config's type_rules: a per-layer type, first match wins "
-        "(repeatable)."
+        [],
+        "--rule",
+        help="PATTERN=TYPE, an entry of the config's type_rules: a per-layer type, first match wins (repeatable).",
     ),
     keep: list[str] = typer.Option([], "--keep", help="Module pattern kept in full precision (repeatable)."),
     dtype: str = typer.Option(None, help="Load dtype, e.g. bfloat16 (default: as stored)."),
@@ -195,7 +219,8 @@ def quantize(
     ),
     overwrite: bool = typer.Option(False, help="Replace an existing output."),
 ) -> None:
-    """Quantize as the weights stream in, then save: a pipeline folder that reloads without quantizing, or a .gguf file."""
+    """Quantize as the weights stream in, then save: a pipeline folder that reloads without quantizing, or a
+    .gguf file (streamed: the model is never in memory whole)."""
     from . import PipelineQuantizationConfig, load_pipeline, save_pipeline
 
     options = dict(_key_value(text) for text in kwargs)
@@ -208,12 +233,17 @@ def quantize(
     if out.suffix == ".gguf":
         _quantize_to_gguf(path, backend, options, components, _dtype(dtype), out, layout, overwrite)
         return
-    config = PipelineQuantizationConfig(quant_backend=backend, quant_kwargs=options, components_to_quantize=components or None)
+    config = PipelineQuantizationConfig(
+        quant_backend=backend, quant_kwargs=options, components_to_quantize=components or None
+    )
     started = time.perf_counter()
     pipe = load_pipeline(path, quantization_config=config, torch_dtype=_dtype(dtype), progress=True)
     console.print(memory_table(memory_report(pipe), title=f"{config!r}"))
     written = save_pipeline(pipe, out, overwrite=overwrite)
-    console.print(f"Saved to {written} in {time.perf_counter() - started:.1f} s; load it with pipequant.load_pipeline({str(written)!r}).")
+    console.print(
+        f"Saved to {written} in {time.perf_counter() - started:.1f} s; load it with "
+        f"pipequant.load_pipeline({str(written)!r})."
+    )
 
 
 def _quantize_to_gguf(path, backend, options, components, dtype, out: Path, layout: str, overwrite: bool) -> None:
@@ -224,7 +254,8 @@ def _quantize_to_gguf(path, backend, options, components, dtype, out: Path, layo
 
     if backend != "gguf":
         raise typer.BadParameter(
-            f"a .gguf file holds GGUF blocks; {backend!r} saves to a folder (give --out a folder).", param_hint="--backend"
+            f"a .gguf file holds GGUF blocks; {backend!r} saves to a folder (give --out a folder).",
+            param_hint="--backend",
         )
     if len(components) > 1:
         raise typer.BadParameter("a .gguf file holds one component; name one.", param_hint="--component")
@@ -237,7 +268,9 @@ def _quantize_to_gguf(path, backend, options, components, dtype, out: Path, layo
     model_class = index.component_class(name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", GGUFTypeFallbackWarning)  # listed below, once
-        written = export_gguf(model_class, index.folder / name, config, out, torch_dtype=dtype, layout=layout, overwrite=overwrite)
+        written = export_gguf(
+            model_class, index.folder / name, config, out, torch_dtype=dtype, layout=layout, overwrite=overwrite
+        )
     console.print(
         f"Wrote {name} ({model_class.__name__}, {config!r}) to {written}: {format_bytes(written.stat().st_size)} "
         f"in {time.perf_counter() - started:.1f} s"
@@ -273,7 +306,9 @@ def plan(
     budget: str = typer.Option(..., help="Memory for the model components, e.g. 8GB, 7.5GiB, 500MB."),
     dtype: str = typer.Option(None, help="Load dtype, e.g. bfloat16 (default: as stored)."),
     mode: list[str] = typer.Option([], "--mode", help="Candidate mode (repeatable; default: the planner's list)."),
-    component: list[str] = typer.Option([], "--component", help="Component that may be quantized (repeatable; default: all)."),
+    component: list[str] = typer.Option(
+        [], "--component", help="Component that may be quantized (repeatable; default: all)."
+    ),
     out: Path = typer.Option(None, help="Write the chosen config to this .json file (for --config elsewhere)."),
     rows: int = typer.Option(32, help="Rows sampled per layer to measure errors."),
     columns: int = typer.Option(512, help="Columns read back per layer to measure errors."),
@@ -285,19 +320,31 @@ def plan(
 
     started = time.perf_counter()
     chosen, explanation = make_plan(
-        path, budget, _dtype(dtype), candidates=mode or PLAN_CANDIDATES, components=component or None,
-        rows=rows, columns=columns, progress=True,
+        path,
+        budget,
+        _dtype(dtype),
+        candidates=mode or PLAN_CANDIDATES,
+        components=component or None,
+        rows=rows,
+        columns=columns,
+        progress=True,
     )
     console.print(explanation)
     console.print(f"Planned in {time.perf_counter() - started:.1f} s: {chosen!r}")
     if out is not None:
-        console.print(f"Wrote {write_config(chosen, out)}" if chosen is not None else f"Fits unquantized; {out} not written.")
+        console.print(
+            f"Wrote {write_config(chosen, out)}" if chosen is not None else f"Fits unquantized; {out} not written."
+        )
 
 
 @app.command()
 def compare(
     path: str = typer.Argument(..., help="Pipeline folder or Hub repo id."),
-    config: list[str] = typer.Option(..., "--config", help="A variant to compare: MODE[:COMPONENTS], BACKEND[:COMPONENTS] or a .json file (repeatable)."),
+    config: list[str] = typer.Option(
+        ...,
+        "--config",
+        help="A variant to compare: MODE[:COMPONENTS], BACKEND[:COMPONENTS] or a .json file (repeatable).",
+    ),
     prompt: list[str] = typer.Option(..., "--prompt", help="Prompt (repeatable)."),
     seed: list[int] = typer.Option([0], "--seed", help="Seed (repeatable)."),
     steps: int = typer.Option(4, help="Inference steps."),
@@ -313,7 +360,9 @@ def compare(
 
     torch_dtype = _dtype(dtype)
     reference = load_pipeline(path, torch_dtype=torch_dtype)
-    variants = {spec: load_pipeline(path, parse_config(spec), torch_dtype=torch_dtype, progress=True) for spec in config}
+    variants = {
+        spec: load_pipeline(path, parse_config(spec), torch_dtype=torch_dtype, progress=True) for spec in config
+    }
     size = {key: value for key, value in (("height", height), ("width", width)) if value is not None}
     report = run_compare(reference, variants, prompt, seed, out_dir=out, num_inference_steps=steps, **size)
     console.print(report.markdown.read_text(), markup=False, highlight=False)
@@ -324,8 +373,8 @@ def _modes_table(folder: Path, torch_dtype) -> Table:
     """Bytes of each model component (and the total) in full precision and in each mode that runs on CPU."""
     import torch
 
-    from .presets import PRESETS, preset_pipeline_config, usable
     from .planning.sizing import estimate
+    from .presets import PRESETS, preset_pipeline_config, usable
 
     modes = {"full precision": None} | {m: preset_pipeline_config(m) for m in PRESETS if usable(m, torch.device("cpu"))}
     estimates = {mode: estimate(folder, config, torch_dtype) for mode, config in modes.items()}
@@ -335,7 +384,9 @@ def _modes_table(folder: Path, torch_dtype) -> Table:
     for name in [*names, "total"]:
         table.add_column(name, justify="right")
     for mode, rows in estimates.items():
-        table.add_row(mode, *(format_bytes(r.bytes_after) for r in rows), format_bytes(sum(r.bytes_after for r in rows)))
+        table.add_row(
+            mode, *(format_bytes(r.bytes_after) for r in rows), format_bytes(sum(r.bytes_after for r in rows))
+        )
     return table
 
 

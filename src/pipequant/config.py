@@ -14,6 +14,7 @@ from typing import Any
 from .backends import backend_for, backend_names, config_classes, get_backend
 from .backends.base import BackendConfig, QuantizationConfigError
 
+
 class PipelineQuantizationConfig:
     """Which components of a pipeline to quantize, and how.
 
@@ -62,7 +63,9 @@ class PipelineQuantizationConfig:
             assert quant_backend is not None
             self.shared_config = _simple_form_config(quant_backend, self.quant_kwargs)
 
-    def resolve(self, model_components: Iterable[str], other_components: Iterable[str] = ()) -> dict[str, BackendConfig]:
+    def resolve(
+        self, model_components: Iterable[str], other_components: Iterable[str] = ()
+    ) -> dict[str, BackendConfig]:
         """The backend config of each component to quantize, checked against the pipeline's components.
 
         `model_components` are the torch-model components; `other_components` the rest

@@ -50,8 +50,20 @@ class LoadOptions:
 
 #: every keyword `take_load_options` understands, as the TypeError for an unknown one lists them
 LOAD_KEYWORDS = (
-    "quantization_config", "torch_dtype", "dtype", "device", "device_map", "variant", "revision", "subfolder",
-    "cache_dir", "token", "local_files_only", "use_safetensors", "low_cpu_mem_usage", "progress",
+    "quantization_config",
+    "torch_dtype",
+    "dtype",
+    "device",
+    "device_map",
+    "variant",
+    "revision",
+    "subfolder",
+    "cache_dir",
+    "token",
+    "local_files_only",
+    "use_safetensors",
+    "low_cpu_mem_usage",
+    "progress",
 )
 
 

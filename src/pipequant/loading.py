@@ -83,8 +83,12 @@ def resolve_pipeline_folder(path_or_repo_id: str | Path, hub: HubOptions | None 
     patterns = [f"{subfolder}/{pattern}" if subfolder else pattern for pattern in _HUB_PATTERNS]
     try:
         folder = snapshot_download(
-            str(path_or_repo_id), allow_patterns=patterns, revision=hub.revision, cache_dir=hub.cache_dir,
-            token=hub.token, local_files_only=hub.local_files_only,
+            str(path_or_repo_id),
+            allow_patterns=patterns,
+            revision=hub.revision,
+            cache_dir=hub.cache_dir,
+            token=hub.token,
+            local_files_only=hub.local_files_only,
         )
         return _subfolder(Path(folder), subfolder)
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
@@ -121,7 +125,7 @@ def read_pipeline_index(folder: str | Path) -> PipelineIndex:
         raise PipelineFolderError(f"{index_path} is not valid JSON ({type(error).__name__}: {error}).") from error
     if not isinstance(raw, dict) or not isinstance(raw.get("_class_name"), str):
         raise PipelineFolderError(
-            f"{index_path} is not a pipeline index: it must be a JSON object with the pipeline's \"_class_name\"."
+            f'{index_path} is not a pipeline index: it must be a JSON object with the pipeline\'s "_class_name".'
         )
     components: dict[str, tuple[str, str] | None] = {}
     settings: dict[str, Any] = {}
@@ -159,7 +163,12 @@ def load_model(
     recover(Path(folder))  # what a killed save_model / save_gguf left beside it
     if is_gguf_file(folder):
         return load_gguf_model(
-            model_class, folder, quantization_config, torch_dtype=torch_dtype, device=device, on_layer=on_layer,
+            model_class,
+            folder,
+            quantization_config,
+            torch_dtype=torch_dtype,
+            device=device,
+            on_layer=on_layer,
             config_folder=config_folder,
         )
     if config_folder is not None:
@@ -217,7 +226,9 @@ def load_pipeline(
     gguf_files = {name: value for name, value in components.items() if is_gguf_file(value)}
     not_models = sorted(set(gguf_files) - set(model_names))
     if not_models:
-        raise TypeError(f"{', '.join(not_models)} of {index.pipeline_class_name} are not models; a .gguf file holds a model.")
+        raise TypeError(
+            f"{', '.join(not_models)} of {index.pipeline_class_name} are not models; a .gguf file holds a model."
+        )
     gguf_configs = {name: configs.pop(name, None) for name in gguf_files}
     saved = {
         name: config
@@ -250,8 +261,14 @@ def load_pipeline(
                 loaded[name] = given
             else:
                 loaded[name] = _load_component(
-                    index, name, configs.get(name), dtype, target, add_task,
-                    saved=name in saved, variant=options.variant,
+                    index,
+                    name,
+                    configs.get(name),
+                    dtype,
+                    target,
+                    add_task,
+                    saved=name in saved,
+                    variant=options.variant,
                 )
             if balanced and name in model_names:
                 placed[name] = target.index
@@ -313,7 +330,12 @@ def _load_gguf_component(
         progress(done, total)
 
     return load_gguf_model(
-        index.component_class(name), path, config, torch_dtype=torch_dtype, device=device, on_layer=on_layer,
+        index.component_class(name),
+        path,
+        config,
+        torch_dtype=torch_dtype,
+        device=device,
+        on_layer=on_layer,
         config_folder=folder if (folder / "config.json").is_file() else None,
     )
 

@@ -28,7 +28,7 @@ from .backends.base import BackendConfig
 
 
 def model_library(model: nn.Module) -> str | None:
-    """"diffusers" or "transformers" for their models; None for any other module (no library reads markers there)."""
+    """ "diffusers" or "transformers" for their models; None for any other module (no library reads markers there)."""
     from diffusers import ModelMixin
 
     if isinstance(model, ModelMixin):

@@ -36,7 +36,9 @@ def preset(name: str) -> BackendConfig:
 def preset_pipeline_config(name: str, components: list[str] | None = None) -> PipelineQuantizationConfig:
     """The mode `name` for `components` (None: every model component), in `PipelineQuantizationConfig`'s simple form."""
     backend_name, kwargs = _lookup(name)
-    return PipelineQuantizationConfig(quant_backend=backend_name, quant_kwargs=kwargs, components_to_quantize=components)
+    return PipelineQuantizationConfig(
+        quant_backend=backend_name, quant_kwargs=kwargs, components_to_quantize=components
+    )
 
 
 def _lookup(name: str) -> tuple[str, dict[str, Any]]:

@@ -108,9 +108,7 @@ def replace_module(model: nn.Module, name: str, new: nn.Module, config: BackendC
     setattr(parent, child, new)
 
 
-def quantize_model(
-    model: nn.Module, config: BackendConfig, device: torch.device | str | None = None
-) -> nn.Module:
+def quantize_model(model: nn.Module, config: BackendConfig, device: torch.device | str | None = None) -> nn.Module:
     """Quantize a model already in memory, layer by layer, in place; returns it.
 
     Each full-precision weight is released as soon as its quantized layer replaces it. Layers

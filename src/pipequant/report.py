@@ -67,9 +67,7 @@ def component_memory(name: str, model: nn.Module) -> ComponentMemory:
 def memory_report(pipeline) -> list[ComponentMemory]:
     """One row per torch-model component of `pipeline` (a diffusers pipeline)."""
     return [
-        component_memory(name, value)
-        for name, value in pipeline.components.items()
-        if isinstance(value, nn.Module)
+        component_memory(name, value) for name, value in pipeline.components.items() if isinstance(value, nn.Module)
     ]
 
 
@@ -101,5 +99,16 @@ def memory_table(rows: list[ComponentMemory], title: str = "Memory per component
         )
     before = sum(r.bytes_before for r in rows)
     after = sum(r.bytes_after for r in rows)
-    table.add_row("total", "", "", "", "", "", format_bytes(before), format_bytes(after), f"{after / before:.2f}" if before else "-", style="bold")
+    table.add_row(
+        "total",
+        "",
+        "",
+        "",
+        "",
+        "",
+        format_bytes(before),
+        format_bytes(after),
+        f"{after / before:.2f}" if before else "-",
+        style="bold",
+    )
     return table

@@ -76,9 +76,7 @@ def saved_layers(model: nn.Module, checkpoint: Checkpoint, backend: Backend) -> 
             if stored_name in owner_of:
                 groups.setdefault(owner_of[stored_name], {})[".".join(parts[end:])] = key
                 break
-    return {
-        name: tensors for name, tensors in groups.items() if backend.stored_as_quantized(tensors, modules[name])
-    }
+    return {name: tensors for name, tensors in groups.items() if backend.stored_as_quantized(tensors, modules[name])}
 
 
 def restore_layer(

@@ -27,6 +27,7 @@ from .restoring import restore_layer, saved_layers
 from .tensor_loading import TensorLoading
 from .ui import ProgressCallback
 
+
 def build_empty_model(
     model_class: type[nn.Module],
     config: Path | dict[str, Any],
@@ -229,7 +230,11 @@ def match_keys(
     prefix = getattr(model, "base_model_prefix", "") or ""
     key_map: dict[str, str] = {}
     for key in expected:
-        for candidate in (key, f"{prefix}.{key}" if prefix else None, key.removeprefix(f"{prefix}.") if prefix else None):
+        for candidate in (
+            key,
+            f"{prefix}.{key}" if prefix else None,
+            key.removeprefix(f"{prefix}.") if prefix else None,
+        ):
             if candidate in stored:
                 key_map[key] = candidate
                 break

@@ -180,7 +180,9 @@ TRANSFORMERS_CONFIGS = {
 
 
 @pytest.mark.parametrize("mode", ["nf4", "int8"])
-def test_transformers_loads_our_saved_text_encoder(flux_path: Path, tmp_path: Path, mode: str, assert_same_state) -> None:
+def test_transformers_loads_our_saved_text_encoder(
+    flux_path: Path, tmp_path: Path, mode: str, assert_same_state
+) -> None:
     ours = quantized_t5(flux_path, mode)
     folder = save_model(ours, tmp_path / "t5")
     theirs = T5EncoderModel.from_pretrained(folder)  # transformers 5 runs bitsandbytes on CPU
@@ -193,7 +195,9 @@ def test_transformers_loads_our_saved_text_encoder(flux_path: Path, tmp_path: Pa
 
 @pytest.mark.parametrize("mode", ["nf4", "int8"])
 def test_we_load_what_transformers_saves(flux_path: Path, tmp_path: Path, mode: str, assert_same_state) -> None:
-    theirs = T5EncoderModel.from_pretrained(flux_path / "text_encoder_2", quantization_config=TRANSFORMERS_CONFIGS[mode])
+    theirs = T5EncoderModel.from_pretrained(
+        flux_path / "text_encoder_2", quantization_config=TRANSFORMERS_CONFIGS[mode]
+    )
     theirs.save_pretrained(tmp_path / "theirs")
     save_model(quantized_t5(flux_path, mode), tmp_path / "ours")
 
@@ -215,7 +219,9 @@ def test_pipeline_with_a_transformers_saved_component_loads(
     folder = tmp_path / "pipe"
     shutil.copytree(flux_path, folder)
     shutil.rmtree(folder / "text_encoder_2")
-    theirs = T5EncoderModel.from_pretrained(flux_path / "text_encoder_2", quantization_config=TRANSFORMERS_CONFIGS["nf4"])
+    theirs = T5EncoderModel.from_pretrained(
+        flux_path / "text_encoder_2", quantization_config=TRANSFORMERS_CONFIGS["nf4"]
+    )
     theirs.save_pretrained(folder / "text_encoder_2")
     pipe = load_pipeline(folder)
     assert isinstance(pipe.text_encoder_2.encoder.block[0].layer[0].SelfAttention.q, bnb.nn.Linear4bit)

@@ -40,7 +40,6 @@ def test_4bit_matches_bitsandbytes(shape, quant_type, double_quant, storage, pat
         assert torch.equal(ours[key], theirs[key]), key
 
 
-
 def awkward_values(count: int, dtype: torch.dtype) -> torch.Tensor:
     """Blocks of several magnitudes, and blocks at the edges of the arithmetic."""
     values = torch.randn(count, generator=torch.Generator().manual_seed(1)) * 0.05
@@ -68,6 +67,8 @@ def test_a_disagreeing_kernel_hands_back_to_bitsandbytes(monkeypatch):
     monkeypatch.setattr(bnb_chunked, "_run_4bit", lambda *args: (real(*args)[0] ^ 1, real(*args)[1]))
     weight = torch.randn(96, 640, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     with pytest.warns(UserWarning, match="disagrees with this bitsandbytes version"):
-        packed, state = bnb_chunked.quantize_4bit(weight, quant_type="nf4", compress_statistics=False, quant_storage=torch.uint8)
+        packed, state = bnb_chunked.quantize_4bit(
+            weight, quant_type="nf4", compress_statistics=False, quant_storage=torch.uint8
+        )
     expected, expected_state = bnb.functional.quantize_4bit(weight, quant_type="nf4")
     assert torch.equal(packed, expected) and torch.equal(state.absmax, expected_state.absmax)

@@ -117,7 +117,9 @@ def test_backends_take_the_kernel(no_row_blocks, assert_same_state):
     theirs.freeze()
     assert_same_state(layer, theirs)
 
-    layer = get_backend("bitsandbytes_8bit").quantize("layer", bf16_linear(), BitsAndBytesConfig(load_in_8bit=True), CPU)
+    layer = get_backend("bitsandbytes_8bit").quantize(
+        "layer", bf16_linear(), BitsAndBytesConfig(load_in_8bit=True), CPU
+    )
     data, scale, _ = bnb.functional.int8_vectorwise_quant(bf16_linear().weight.data.to(torch.float16))
     assert torch.equal(layer.weight.data, data) and torch.equal(layer.weight.SCB.nan_to_num(), scale.nan_to_num())
 
@@ -143,7 +145,9 @@ def test_a_disagreeing_kernel_hands_back_to_the_library(monkeypatch, assert_same
     assert torch.equal(layer.weight.qdata, theirs[0].weight.qdata)
 
     with pytest.warns(UserWarning, match="disagrees with this bitsandbytes version"):
-        layer = get_backend("bitsandbytes_8bit").quantize("layer", bf16_linear(), BitsAndBytesConfig(load_in_8bit=True), CPU)
+        layer = get_backend("bitsandbytes_8bit").quantize(
+            "layer", bf16_linear(), BitsAndBytesConfig(load_in_8bit=True), CPU
+        )
     data, _, _ = bnb.functional.int8_vectorwise_quant(bf16_linear().weight.data.to(torch.float16))
     assert torch.equal(layer.weight.data, data)
 
@@ -156,7 +160,9 @@ def test_float16_rounding_of_every_value(dtype):
         values = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
     else:
         generator = torch.Generator().manual_seed(3)
-        values = torch.randint(-(2**31), 2**31 - 1, (200_000,), generator=generator, dtype=torch.int32).view(torch.float32)
+        values = torch.randint(-(2**31), 2**31 - 1, (200_000,), generator=generator, dtype=torch.int32).view(
+            torch.float32
+        )
         values = torch.cat((values, torch.tensor([65504.0, 65519.99, 65520.0, 6e-8, 2.9802322e-08, 2.9802326e-08])))
     weight = torch.stack((values, torch.zeros_like(values)), 1)
     _, scale = int8_rows.bitsandbytes_int8_rows(weight)

@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 from diffusers import DiffusionPipeline, FluxTransformer2DModel
-from optimum.quanto import QLinear, QTensor, quantize_module, qtypes
+from optimum.quanto import QLinear, QTensor, qtypes, quantize_module
 from safetensors import safe_open
 from torch import nn
 from torchao.quantization import Int8WeightOnlyConfig
@@ -65,7 +65,9 @@ def test_pipeline_loads_quantized_and_generates(request, kind, weights_dtype, ge
         model = getattr(pipe, name)
         layers = qlinears(model)
         assert layers, name
-        assert all(m.weight_qtype == qtypes[f"q{weights_dtype}"] and isinstance(m.weight, QTensor) for m in layers.values())
+        assert all(
+            m.weight_qtype == qtypes[f"q{weights_dtype}"] and isinstance(m.weight, QTensor) for m in layers.values()
+        )
         assert all(m.activation_qtype is None for m in layers.values())
         # every linear layer is quantized but those T5 keeps in float32
         assert all(layer.rsplit(".", 1)[-1] == "wo" for layer in plain_linears(model)), name
@@ -142,9 +144,14 @@ def test_quantize_pipeline_in_memory_gives_the_same_layers(flux_path, assert_sam
     ("make_config", "message"),
     [
         (lambda: QuantoConfig(weights_dtype="int3"), r"weights_dtype='int3'.*use one of int2, int4, int8, float8"),
-        (lambda: QuantoConfig(activations_dtype="int8"), r"activations_dtype='int8' needs activation scales calibrated"),
         (
-            lambda: PipelineQuantizationConfig(quant_mapping={"transformer": transformers.QuantoConfig(activations="int8")}),
+            lambda: QuantoConfig(activations_dtype="int8"),
+            r"activations_dtype='int8' needs activation scales calibrated",
+        ),
+        (
+            lambda: PipelineQuantizationConfig(
+                quant_mapping={"transformer": transformers.QuantoConfig(activations="int8")}
+            ),
             r"needs activation scales calibrated",
         ),
         (lambda: QuantoConfig(weights_dtype="int4", weights="int2"), r"disagree; give only weights_dtype"),
@@ -162,7 +169,10 @@ def test_bad_config_is_refused_when_constructed(make_config, message):
 @pytest.mark.parametrize(
     ("saved", "expected"),
     [
-        (QuantoConfig("int2", modules_to_not_convert=["proj_out"]).to_dict(), QuantoConfig("int2", modules_to_not_convert=["proj_out"])),
+        (
+            QuantoConfig("int2", modules_to_not_convert=["proj_out"]).to_dict(),
+            QuantoConfig("int2", modules_to_not_convert=["proj_out"]),
+        ),
         (diffusers.QuantoConfig(weights_dtype="int4").to_dict(), QuantoConfig("int4")),
         (transformers.QuantoConfig(weights="float8", activations="float8").to_dict(), QuantoConfig("float8", "float8")),
     ],

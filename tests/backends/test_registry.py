@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import re
 import sys
-import tomllib
 import typing
 from importlib.metadata import packages_distributions
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 from torch import nn
 from typer.testing import CliRunner

@@ -15,8 +15,8 @@ from diffusers import DiffusionPipeline, FluxTransformer2DModel
 from safetensors import safe_open
 from torch import nn
 from torchao.quantization import (
-    FqnToConfig,
     Float8WeightOnlyConfig,
+    FqnToConfig,
     Int4WeightOnlyConfig,
     Int8DynamicActivationInt8WeightConfig,
     Int8DynamicActivationIntxWeightConfig,
@@ -91,13 +91,17 @@ def unreadable_flux(flux_path: Path, tmp_path_factory: pytest.TempPathFactory) -
 def test_pipeline_loads_quantized_and_generates(request, kind, quant_type, generate):
     components = MODELS[kind]
     config = simple_config(quant_type, list(components))
-    pipe = load_pipeline(request.getfixturevalue(f"{kind}_path"), quantization_config=config, torch_dtype=torch.bfloat16)
+    pipe = load_pipeline(
+        request.getfixturevalue(f"{kind}_path"), quantization_config=config, torch_dtype=torch.bfloat16
+    )
     tensor_class, data_dtype = CPU_TYPES[quant_type]
     for name in components:
         model = getattr(pipe, name)
         layers = torchao_layers(model)
         assert layers, name
-        assert all(type(m.weight).__name__ == tensor_class and m.weight.qdata.dtype == data_dtype for m in layers.values())
+        assert all(
+            type(m.weight).__name__ == tensor_class and m.weight.qdata.dtype == data_dtype for m in layers.values()
+        )
         # every linear layer is quantized but those T5 keeps in float32
         assert all(layer.rsplit(".", 1)[-1] == "wo" for layer in plain_linears(model)), name
     if quant_type == "int8dq":  # activations are quantized too
@@ -167,7 +171,9 @@ def test_quantize_pipeline_in_memory_gives_the_same_layers(flux_path):
         (simple_config("int4wo", ["transformer"]), r"'int4wo' cannot run on cpu.*Nearest that runs on cpu: 'uint4wo'"),
         (simple_config("float8dq", ["transformer"]), r"'float8dq' cannot run on cpu.*Nearest.*'float8wo'"),
         (
-            PipelineQuantizationConfig(quant_mapping={"transformer": TorchAoConfig(Int4WeightOnlyConfig(group_size=64))}),
+            PipelineQuantizationConfig(
+                quant_mapping={"transformer": TorchAoConfig(Int4WeightOnlyConfig(group_size=64))}
+            ),
             r"'Int4WeightOnlyConfig' cannot run on cpu.*Types that run on cpu: int8wo",
         ),
     ],
@@ -180,14 +186,24 @@ def test_type_that_cannot_run_on_the_device_fails_before_any_weight_is_read(unre
 @pytest.mark.parametrize(
     ("make_config", "message"),
     [
-        (lambda: simple_config("int8w", ["transformer"]), r"Unknown torchao quant_type 'int8w'\. Did you mean 'int8wo'\?"),
-        (lambda: simple_config("int4wo", ["transformer"], grup_size=64), r"no option 'grup_size'\. Did you mean 'group_size'\?"),
+        (
+            lambda: simple_config("int8w", ["transformer"]),
+            r"Unknown torchao quant_type 'int8w'\. Did you mean 'int8wo'\?",
+        ),
+        (
+            lambda: simple_config("int4wo", ["transformer"], grup_size=64),
+            r"no option 'grup_size'\. Did you mean 'group_size'\?",
+        ),
         (lambda: simple_config("uint4wo", ["transformer"], granularity="row"), r"torchao rejects quant_type 'uint4wo'"),
         (lambda: TorchAoConfig(Int8WeightOnlyConfig(), group_size=64), r"go into the torchao object itself"),
         (lambda: TorchAoConfig(FqnToConfig()), r"one config per component"),
         (
             lambda: PipelineQuantizationConfig(
-                quant_mapping={"text_encoder": transformers.TorchAoConfig(Int8WeightOnlyConfig(), include_input_output_embeddings=True)}
+                quant_mapping={
+                    "text_encoder": transformers.TorchAoConfig(
+                        Int8WeightOnlyConfig(), include_input_output_embeddings=True
+                    )
+                }
             ),
             r"linear layers only",
         ),
@@ -202,8 +218,12 @@ def test_bad_config_is_refused_when_constructed(make_config, message):
     ("saved", "expected"),
     [
         (  # the name form pipequant wrote before it wrote diffusers' form
-            {"quant_method": "torchao", "quant_type": "uint4wo", "quant_type_kwargs": {"group_size": 32},
-             "modules_to_not_convert": None},
+            {
+                "quant_method": "torchao",
+                "quant_type": "uint4wo",
+                "quant_type_kwargs": {"group_size": 32},
+                "modules_to_not_convert": None,
+            },
             TorchAoConfig("uint4wo", group_size=32),
         ),
         (TorchAoConfig(Int8WeightOnlyConfig()).to_dict(), TorchAoConfig(Int8WeightOnlyConfig())),

@@ -25,9 +25,9 @@ from pipequant import (
 )
 from pipequant.cli import app
 from pipequant.planning import parse_budget
+from pipequant.planning.sizing import estimate_component
 from pipequant.presets import PRESETS, preset, usable
 from pipequant.report import component_memory, memory_report
-from pipequant.planning.sizing import estimate_component
 
 CPU = torch.device("cpu")
 BF16 = torch.bfloat16
@@ -41,7 +41,11 @@ def _assert_close(estimated, measured) -> None:
         real = by_name[row.name]
         assert abs(row.bytes_after - real.bytes_after) <= 0.01 * real.bytes_after, (row, real)
         assert (row.bytes_before, row.parameters, row.quantized_layers, row.backend, row.dtype) == (
-            real.bytes_before, real.parameters, real.quantized_layers, real.backend, real.dtype,
+            real.bytes_before,
+            real.parameters,
+            real.quantized_layers,
+            real.backend,
+            real.dtype,
         ), row.name
 
 
@@ -51,7 +55,9 @@ MIXED = PipelineQuantizationConfig(
         "transformer": GGUFQuantizationConfig(
             quant_type="Q6_K", type_rules={"proj_out": "Q4_0"}, modules_to_not_convert=["x_embedder"]
         ),
-        "text_encoder_2": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
+        "text_encoder_2": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True
+        ),
         "text_encoder": QuantoConfig(weights_dtype="int4"),
     }
 )
@@ -129,8 +135,18 @@ def test_plan_fits_its_budget_once_loaded(flux_path):
 def test_plan_mixes_gguf_types_per_layer(flux_path):
     """Between all-Q4_K and all-Q8_0, the plan keeps the layers that lose most at more bits (type_rules)."""
     only = ["text_encoder_2"]
-    q4 = _total(flux_path, PipelineQuantizationConfig(quant_backend="gguf", quant_kwargs={"quant_type": "Q4_K"}, components_to_quantize=only))
-    q8 = _total(flux_path, PipelineQuantizationConfig(quant_backend="gguf", quant_kwargs={"quant_type": "Q8_0"}, components_to_quantize=only))
+    q4 = _total(
+        flux_path,
+        PipelineQuantizationConfig(
+            quant_backend="gguf", quant_kwargs={"quant_type": "Q4_K"}, components_to_quantize=only
+        ),
+    )
+    q8 = _total(
+        flux_path,
+        PipelineQuantizationConfig(
+            quant_backend="gguf", quant_kwargs={"quant_type": "Q8_0"}, components_to_quantize=only
+        ),
+    )
     budget = (q4 + q8) // 2
     config, explanation = plan(flux_path, budget, BF16, candidates=["gguf-Q8_0", "gguf-Q4_K"], components=only)
     chosen = config.quant_mapping["text_encoder_2"]
@@ -161,12 +177,17 @@ def test_plan_is_none_when_the_pipeline_fits_unquantized(sd_path):
 
 
 def test_impossible_budget_names_the_smallest_size(flux_path):
-    with pytest.raises(BudgetError, match=r"No plan fits 1\.00 MB: the smallest .* is [0-9.]+ MB \(\d+ bytes\)") as info:
+    with pytest.raises(
+        BudgetError, match=r"No plan fits 1\.00 MB: the smallest .* is [0-9.]+ MB \(\d+ bytes\)"
+    ) as info:
         plan(flux_path, "1MB", BF16, candidates=["bnb-nf4", "quanto-int4"])
     smallest = int(str(info.value).split("(")[1].split(" bytes")[0])
     # nothing quantizes below this: the smallest mode on every component
     assert smallest <= min(
-        _total(flux_path, PipelineQuantizationConfig(quant_backend="bitsandbytes_4bit", quant_kwargs={"bnb_4bit_quant_type": "nf4"})),
+        _total(
+            flux_path,
+            PipelineQuantizationConfig(quant_backend="bitsandbytes_4bit", quant_kwargs={"bnb_4bit_quant_type": "nf4"}),
+        ),
         _total(flux_path, PipelineQuantizationConfig(quant_backend="quanto", quant_kwargs={"weights_dtype": "int4"})),
     )
     config, _ = plan(flux_path, smallest, BF16, candidates=["bnb-nf4", "quanto-int4"])
@@ -174,7 +195,8 @@ def test_impossible_budget_names_the_smallest_size(flux_path):
 
 
 @pytest.mark.parametrize(
-    ("text", "expected"), [("8GB", 8 * 10**9), ("7.5 GiB", int(7.5 * 2**30)), ("500MB", 5 * 10**8), (123, 123), ("64kb", 64000)]
+    ("text", "expected"),
+    [("8GB", 8 * 10**9), ("7.5 GiB", int(7.5 * 2**30)), ("500MB", 5 * 10**8), (123, 123), ("64kb", 64000)],
 )
 def test_parse_budget(text, expected):
     assert parse_budget(text) == expected
@@ -190,7 +212,16 @@ runner = CliRunner()
 
 def test_cli_inspect_estimates_a_config_and_every_mode(flux_path):
     result = runner.invoke(
-        app, ["inspect", str(flux_path), "--config", "bnb-nf4:transformer,text_encoder_2", "--dtype", "bfloat16", "--all-modes"]
+        app,
+        [
+            "inspect",
+            str(flux_path),
+            "--config",
+            "bnb-nf4:transformer,text_encoder_2",
+            "--dtype",
+            "bfloat16",
+            "--all-modes",
+        ],
     )
     assert result.exit_code == 0, result.output
     assert "Estimate" in result.output and "bitsandbytes_4bit" in result.output
@@ -200,7 +231,9 @@ def test_cli_inspect_estimates_a_config_and_every_mode(flux_path):
 def test_cli_plan_writes_a_config_that_loads(flux_path, tmp_path):
     out = tmp_path / "plan.json"
     budget = int(0.6 * _total(flux_path, None))
-    result = runner.invoke(app, ["plan", str(flux_path), "--budget", str(budget), "--dtype", "bfloat16", "--out", str(out)])
+    result = runner.invoke(
+        app, ["plan", str(flux_path), "--budget", str(budget), "--dtype", "bfloat16", "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     assert "Plan for a budget" in result.output and "Candidates per component" in result.output
     assert set(json.loads(out.read_text())) <= {"text_encoder", "text_encoder_2", "transformer", "vae"}

@@ -14,11 +14,11 @@ from typer.testing import CliRunner
 
 from pipequant import PipelineQuantizationConfig, compare, load_model, load_pipeline
 from pipequant.cli import app
-from pipequant.quality.metrics import psnr, ssim
-from pipequant.testing.minilm import minilm_folder, sentence_embeddings
-from pipequant.presets import preset
-from pipequant.report import component_memory
 from pipequant.planning.sizing import estimate_component
+from pipequant.presets import preset
+from pipequant.quality.metrics import psnr, ssim
+from pipequant.report import component_memory
+from pipequant.testing.minilm import minilm_folder, sentence_embeddings
 
 
 def _ramp() -> tuple[np.ndarray, np.ndarray]:
@@ -35,7 +35,9 @@ def test_ssim_of_identical_images_is_one_and_psnr_infinite():
 def test_ssim_matches_known_values():
     # constant images: only the luminance term is left, (2ab + C1) / (a^2 + b^2 + C1)
     c1 = (0.01 * 255) ** 2
-    assert ssim(np.full((16, 16), 100.0), np.full((16, 16), 150.0)) == pytest.approx((2 * 100 * 150 + c1) / (100**2 + 150**2 + c1))
+    assert ssim(np.full((16, 16), 100.0), np.full((16, 16), 150.0)) == pytest.approx(
+        (2 * 100 * 150 + c1) / (100**2 + 150**2 + c1)
+    )
     # computed with scipy.ndimage.gaussian_filter(sigma=1.5, truncate=3.5) and a 5-pixel crop, as scikit-image does
     assert ssim(*_ramp()) == pytest.approx(0.6876709469154852, abs=1e-12)
     # per channel, then averaged
@@ -65,8 +67,14 @@ def test_compare_reports_components_and_images(flux_path, tmp_path):
             torch_dtype=torch.bfloat16,
         )
         report = compare(
-            reference, {"identical": identical, "int8": int8}, ["photo of a cute dog", "a red car"], [0, 1],
-            out_dir=tmp_path, num_inference_steps=2, height=64, width=64,
+            reference,
+            {"identical": identical, "int8": int8},
+            ["photo of a cute dog", "a red car"],
+            [0, 1],
+            out_dir=tmp_path,
+            num_inference_steps=2,
+            height=64,
+            width=64,
         )
 
     errors = {(row.variant, row.component): row for row in report.components}
@@ -91,8 +99,22 @@ def test_compare_reports_components_and_images(flux_path, tmp_path):
 def test_cli_compare_writes_the_report(flux_path, tmp_path):
     result = CliRunner().invoke(
         app,
-        ["compare", str(flux_path), "--config", "quanto-int8:transformer", "--prompt", "a cat", "--steps", "2",
-         "--height", "64", "--width", "64", "--out", str(tmp_path)],
+        [
+            "compare",
+            str(flux_path),
+            "--config",
+            "quanto-int8:transformer",
+            "--prompt",
+            "a cat",
+            "--steps",
+            "2",
+            "--height",
+            "64",
+            "--width",
+            "64",
+            "--out",
+            str(tmp_path),
+        ],
     )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "grid.png").is_file()

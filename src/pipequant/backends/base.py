@@ -103,8 +103,7 @@ class BackendConfig:
                 close = difflib.get_close_matches(key, valid, n=1)
                 hint = f" Did you mean {close[0]!r}?" if close else ""
                 raise QuantizationConfigError(
-                    f"{context}: {cls.__name__} takes no option {key!r}.{hint} "
-                    f"Valid options: {', '.join(valid)}."
+                    f"{context}: {cls.__name__} takes no option {key!r}.{hint} Valid options: {', '.join(valid)}."
                 )
         return cls(**kwargs)
 

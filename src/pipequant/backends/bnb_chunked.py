@@ -59,7 +59,6 @@ def quantize_4bit(
     )
 
 
-
 def _by_slices(
     flat: torch.Tensor, blocksize: int, quant_type: str, quant_storage: torch.dtype, chunk_elements: int
 ) -> tuple[torch.Tensor, torch.Tensor]:

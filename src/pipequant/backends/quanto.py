@@ -54,10 +54,13 @@ class QuantoConfig(BackendConfig):
 
     def __post_init__(self, weights: str | None, activations: str | None) -> None:
         self.weights_dtype = _synonym("weights_dtype", self.weights_dtype, "weights", weights, default="int8")
-        self.activations_dtype = _synonym("activations_dtype", self.activations_dtype, "activations", activations, default=None)
+        self.activations_dtype = _synonym(
+            "activations_dtype", self.activations_dtype, "activations", activations, default=None
+        )
         if self.weights_dtype not in WEIGHT_DTYPES:
             raise QuantizationConfigError(
-                f"weights_dtype={self.weights_dtype!r} is not a quanto weight type; use one of {', '.join(WEIGHT_DTYPES)}."
+                f"weights_dtype={self.weights_dtype!r} is not a quanto weight type; use one of "
+                f"{', '.join(WEIGHT_DTYPES)}."
             )
         if self.activations_dtype == "int8":
             raise QuantizationConfigError(
@@ -77,7 +80,8 @@ class QuantoConfig(BackendConfig):
 
     @classmethod
     def from_foreign(cls, foreign: Any) -> QuantoConfig:
-        """diffusers' `QuantoConfig(weights_dtype=...)` or transformers' `QuantoConfig(weights=..., activations=...)`."""
+        """diffusers' `QuantoConfig(weights_dtype=...)`, or transformers'
+        `QuantoConfig(weights=..., activations=...)`."""
         skip = getattr(foreign, "modules_to_not_convert", None)
         weights = getattr(foreign, "weights_dtype", None) or getattr(foreign, "weights", None)
         return cls(
@@ -200,12 +204,20 @@ def _weight_by_rows(layer: nn.Module) -> torch.Tensor:
         fused = _int8_rows(weight, qtype, quantize_rows)
         data, scale = fused or row_blocks.quantize_by_rows(weight, quantize_rows, weight.device)
         return WeightQBytesTensor.create(
-            qtype, 0, size=weight.size(), stride=weight.stride(), data=data, scale=scale, activation_qtype=layer.activation_qtype
+            qtype,
+            0,
+            size=weight.size(),
+            stride=weight.stride(),
+            data=data,
+            scale=scale,
+            activation_qtype=layer.activation_qtype,
         )
 
     def quantize_grouped_rows(rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         scale, shift = layer.optimizer(rows, qtype=qtype, axis=0, group_size=group_size)
-        data = torch.ops.quanto.quantize_affine(rows, bits=qtype.bits, axis=0, group_size=group_size, scale=scale, shift=shift)
+        data = torch.ops.quanto.quantize_affine(
+            rows, bits=qtype.bits, axis=0, group_size=group_size, scale=scale, shift=shift
+        )
         count = rows.shape[0]  # quanto lays groups out as rows of their own: fold them back per weight row
         return data.view(count, -1), scale.view(count, -1), shift.view(count, -1)
 

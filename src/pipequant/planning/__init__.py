@@ -26,15 +26,26 @@ from ..backends.base import BackendConfig
 from ..backends.gguf.config import GGUFQuantizationConfig
 from ..config import PipelineQuantizationConfig
 from ..loading import read_pipeline_index, resolve_pipeline_folder
-from .explanation import ComponentPlan, Explanation
-from .solver import FULL, BudgetError, Component, Family, Layer, Option, check_feasible, solve
 from ..presets import PLAN_CANDIDATES, preset, usable
 from ..quantizing import quantization_targets
+from ..ui import progress_bars
+from .explanation import ComponentPlan, Explanation
 from .sensitivity import SAMPLE_COLUMNS, SAMPLE_ROWS, measure_layers
 from .sizing import ModelLayout, estimate_component
-from ..ui import progress_bars
+from .solver import FULL, BudgetError, Component, Family, Layer, Option, check_feasible, solve
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 _GGUF_FAMILY = "gguf"
 
 
@@ -92,7 +103,9 @@ def plan(
     quantizable = set(models if components is None else components)
     unknown = sorted(quantizable - set(models))
     if unknown:
-        raise ValueError(f"{index.pipeline_class_name} has no model component {', '.join(unknown)}; its models: {', '.join(models)}.")
+        raise ValueError(
+            f"{index.pipeline_class_name} has no model component {', '.join(unknown)}; its models: {', '.join(models)}."
+        )
     measurable = [
         _size(name, index.component_class(name), folder / name, torch_dtype, modes if name in quantizable else [])
         for name in models
@@ -125,7 +138,8 @@ def plan(
 def _size(
     name: str, model_class: type[nn.Module], folder: Path, torch_dtype: torch.dtype | None, modes: list[str]
 ) -> _Sized:
-    """Every layer one of `modes` would quantize, with the bytes of each option, and the families the component may take.
+    """Every layer one of `modes` would quantize, with the bytes of each option, and the families the component
+    may take.
 
     Errors are measured later (`_measure`); until then they are NaN.
     """
@@ -209,7 +223,9 @@ def _exact(name: str, names: list[str]) -> str:
 
 def _explain(component: Component, family: Family, picks: list[Option], nbytes: int) -> ComponentPlan:
     parameters = sum(layer.parameters for layer in component.layers)
-    error = sum(l.parameters * o.error for l, o in zip(component.layers, picks)) / parameters if parameters else 0.0
+    error = (
+        sum(layer.parameters * o.error for layer, o in zip(component.layers, picks)) / parameters if parameters else 0.0
+    )
     modes = Counter(option.mode for option in picks if option.mode is not None)
     kept = len(picks) - sum(modes.values())
     if not modes:
@@ -222,13 +238,23 @@ def _explain(component: Component, family: Family, picks: list[Option], nbytes: 
     measured = not any(math.isnan(o.error) for layer in component.layers for o in layer.options)
     for other in component.families if measured else ():
         for mode in other.modes:
-            options = [next((o for o in layer.options if o.mode == mode), layer.options[0]) for layer in component.layers]
+            options = [
+                next((o for o in layer.options if o.mode == mode), layer.options[0]) for layer in component.layers
+            ]
             size = component.fixed_nbytes + sum(o.nbytes for o in options)
-            weighted = sum(l.parameters * o.error for l, o in zip(component.layers, options))
+            weighted = sum(layer.parameters * o.error for layer, o in zip(component.layers, options))
             alternatives[mode] = (size, weighted / parameters if parameters else 0.0)
     return ComponentPlan(
-        component.name, component.class_name, choice, sum(modes.values()), kept, nbytes, component.full_nbytes,
-        parameters, error, alternatives,
+        component.name,
+        component.class_name,
+        choice,
+        sum(modes.values()),
+        kept,
+        nbytes,
+        component.full_nbytes,
+        parameters,
+        error,
+        alternatives,
     )
 
 

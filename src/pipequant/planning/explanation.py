@@ -58,8 +58,13 @@ class Explanation:
             table.add_column(column, justify="right" if column in ("bytes", "full precision", "error") else "left")
         for row in self.components:
             table.add_row(
-                row.name, row.class_name, row.choice, f"{row.quantized_layers} / {row.kept_layers}",
-                format_bytes(row.nbytes), format_bytes(row.full_nbytes), f"{row.error:.4f}",
+                row.name,
+                row.class_name,
+                row.choice,
+                f"{row.quantized_layers} / {row.kept_layers}",
+                format_bytes(row.nbytes),
+                format_bytes(row.full_nbytes),
+                f"{row.error:.4f}",
             )
         full = sum(c.full_nbytes for c in self.components)
         table.add_row(

@@ -84,10 +84,13 @@ def solve(components: list[Component], budget: int) -> list[tuple[Family, list[O
             best = None
             for family in component.families:
                 picks = [
-                    min(allowed(layer, family), key=lambda o, n=layer.parameters: (n * o.error + weight * o.nbytes, o.nbytes))
+                    min(
+                        allowed(layer, family),
+                        key=lambda o, n=layer.parameters: (n * o.error + weight * o.nbytes, o.nbytes),
+                    )
                     for layer in component.layers
                 ]
-                cost = sum(l.parameters * o.error + weight * o.nbytes for l, o in zip(component.layers, picks))
+                cost = sum(layer.parameters * o.error + weight * o.nbytes for layer, o in zip(component.layers, picks))
                 if best is None or cost < best[0]:
                     best = (cost, family, picks)
             assert best is not None
@@ -115,7 +118,9 @@ def _cheapest_choice(components: list[Component]) -> list[tuple[Family, list[Opt
     chosen = []
     for component in components:
         family = min(component.families, key=lambda f: cheapest(component, f))
-        chosen.append((family, [min(allowed(layer, family), key=lambda o: (o.nbytes, o.error)) for layer in component.layers]))
+        chosen.append(
+            (family, [min(allowed(layer, family), key=lambda o: (o.nbytes, o.error)) for layer in component.layers])
+        )
     return chosen
 
 

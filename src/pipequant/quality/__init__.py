@@ -156,7 +156,9 @@ def _recorder(bound: Callable, method: str, sink: list[_Call], active: list[bool
 def _replay(module: nn.Module, recorded: list[_Call]) -> list[float]:
     """Relative error of `module`'s outputs on each recorded call's inputs, against the recorded outputs."""
     with torch.no_grad():
-        return [_relative_error(call.output, getattr(module, call.method)(*call.args, **call.kwargs)) for call in recorded]
+        return [
+            _relative_error(call.output, getattr(module, call.method)(*call.args, **call.kwargs)) for call in recorded
+        ]
 
 
 def _relative_error(reference: Any, output: Any) -> float:

@@ -29,7 +29,9 @@ def ssim(reference: np.ndarray, image: np.ndarray, data_range: float = 255.0) ->
     if reference.shape != image.shape:
         raise ValueError(f"images differ in shape: {reference.shape} and {image.shape}")
     if min(reference.shape[:2]) < 2 * RADIUS + 1:
-        raise ValueError(f"SSIM needs images of at least {2 * RADIUS + 1} x {2 * RADIUS + 1} pixels, got {reference.shape[:2]}")
+        raise ValueError(
+            f"SSIM needs images of at least {2 * RADIUS + 1} x {2 * RADIUS + 1} pixels, got {reference.shape[:2]}"
+        )
     x, y = _float(reference), _float(image)
     if x.ndim == 2:
         return _ssim_channel(x, y, data_range)

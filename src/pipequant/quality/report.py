@@ -43,9 +43,7 @@ def write_grid(rows: Sequence[Sequence[tuple[str, Image.Image]]], row_titles: Se
     return path
 
 
-def write_markdown(
-    components: Sequence[ComponentError], images: Sequence[ImageScore], grid: Path, path: Path
-) -> Path:
+def write_markdown(components: Sequence[ComponentError], images: Sequence[ImageScore], grid: Path, path: Path) -> Path:
     lines = [
         "# Quantization quality",
         "",
@@ -62,7 +60,8 @@ def write_markdown(
         "",
         "## Images",
         "",
-        "Against the full-precision image from the same prompt and seed (8-bit RGB; SSIM: 11x11 Gaussian window, sigma 1.5).",
+        "Against the full-precision image from the same prompt and seed (8-bit RGB; SSIM: 11x11 Gaussian window, "
+        "sigma 1.5).",
         "",
         "| variant | prompt | seed | PSNR (dB) | SSIM |",
         "|---|---|---:|---:|---:|",

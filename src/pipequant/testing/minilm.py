@@ -16,7 +16,14 @@ import torch
 from torch import nn
 
 #: the files of the packaged model a BertModel component folder needs
-_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "model.safetensors")
+_FILES = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "model.safetensors",
+)
 
 SENTENCES: tuple[str, ...] = (
     "A man is playing a guitar on the street.",

@@ -27,11 +27,15 @@ from pipequant.backends.gguf import GGUFLinear, GGUFTypeFallbackWarning, type_fa
 BF16 = torch.bfloat16
 #: the tiny transformer's linear layers by input size: 256-weight K-quant blocks fit only 256 and 512
 K_BLOCKS_FIT = {256, 512}
+
+
 def transformer_config(config: GGUFQuantizationConfig) -> PipelineQuantizationConfig:
     return PipelineQuantizationConfig(quant_mapping={"transformer": config})
 
+
 def gguf_layers(model: nn.Module) -> dict[str, GGUFLinear]:
     return {name: module for name, module in model.named_modules() if isinstance(module, GGUFLinear)}
+
 
 @pytest.fixture(scope="module")
 def reference_image(flux_path, generate):
@@ -63,7 +67,9 @@ def test_simple_form_and_diffusers_config_resolve_to_ours():
 
 
 def test_a_config_without_quant_type_refuses_full_precision_weights(flux_path):
-    with pytest.raises(QuantizationConfigError, match="no quant_type, so, like diffusers' GGUFQuantizationConfig, it only"):
+    with pytest.raises(
+        QuantizationConfigError, match="no quant_type, so, like diffusers' GGUFQuantizationConfig, it only"
+    ):
         load_pipeline(flux_path, quantization_config=transformer_config(DiffusersGGUFConfig(compute_dtype=BF16)))
 
 
@@ -119,7 +125,9 @@ def test_type_rules_first_match_wins_and_modules_to_not_convert_stay_plain(flux_
     with torch.device("meta"):
         empty = FluxTransformer2DModel.from_config(FluxTransformer2DModel.load_config(flux_path / "transformer"))
     for name, layer in gguf_layers(model).items():  # sizes known before any weight is read, to the byte
-        assert backend.estimate_layer_nbytes(name, empty.get_submodule(name), config, BF16) == backend.layer_nbytes(layer)
+        assert backend.estimate_layer_nbytes(name, empty.get_submodule(name), config, BF16) == backend.layer_nbytes(
+            layer
+        )
 
 
 def test_rows_that_do_not_fit_the_blocks_fall_back_with_a_warning():
@@ -130,7 +138,10 @@ def test_rows_that_do_not_fit_the_blocks_fall_back_with_a_warning():
         quantize_model(model, GGUFQuantizationConfig(quant_type="Q4_K"))
     messages = sorted(str(w.message) for w in caught)
     assert len(messages) == 2
-    assert "layer '0' has rows of 100 weights, not a multiple of the Q4_K block size 256; it is stored as F16" in messages[0]
+    assert (
+        "layer '0' has rows of 100 weights, not a multiple of the Q4_K block size 256; it is stored as F16"
+        in messages[0]
+    )
     assert "layer '1' has rows of 96 weights" in messages[1] and "stored as Q5_0" in messages[1]
     assert type_fallbacks(model) == {"0": ("Q4_K", "F16"), "1": ("Q4_K", "Q5_0")}
     assert [layer.ggml_type for layer in model] == ["F16", "Q5_0", "Q4_K"]

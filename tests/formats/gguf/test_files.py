@@ -25,16 +25,16 @@ from pipequant import (
     GGUFQuantizationConfig,
     PipelineQuantizationConfig,
     QuantizationConfigError,
-    load_model,
     export_gguf,
+    load_model,
     load_pipeline,
     quantize_model,
     save_gguf,
     save_pipeline,
 )
 from pipequant.backends.gguf import GGUFLinear, GGUFTypeFallbackWarning, type_fallbacks
-from pipequant.formats.gguf.writer import StoredTensor
 from pipequant.cli import app
+from pipequant.formats.gguf.writer import StoredTensor
 from pipequant.testing.memory import anonymous_bytes, mapped_rss, page_residency, resident_pages
 
 BF16 = torch.bfloat16
@@ -58,7 +58,9 @@ def assert_same_model(ours: nn.Module, theirs: nn.Module) -> None:
     for name, layer in ours_layers.items():
         other = theirs_layers[name]
         assert (layer.ggml_type, layer.requested_type, layer.compute_dtype) == (
-            other.ggml_type, other.requested_type, other.compute_dtype,
+            other.ggml_type,
+            other.requested_type,
+            other.compute_dtype,
         ), name
     ours_state, theirs_state = ours.state_dict(), theirs.state_dict()
     assert ours_state.keys() == theirs_state.keys()
@@ -85,7 +87,11 @@ def rewrite(source: Path, target: Path, *, prefix: str = "", rename: dict[str, s
 def mixed_pipeline(flux_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", GGUFTypeFallbackWarning)
-        return load_pipeline(flux_path, quantization_config=PipelineQuantizationConfig(quant_mapping={"transformer": MIXED}), torch_dtype=BF16)
+        return load_pipeline(
+            flux_path,
+            quantization_config=PipelineQuantizationConfig(quant_mapping={"transformer": MIXED}),
+            torch_dtype=BF16,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +151,9 @@ def test_flux_is_written_in_the_layout_comfyui_gguf_and_sd_cpp_load(mixed_pipeli
     assert torch.equal(stored, torch.cat([shift, scale]))  # BFL stores (shift, scale)
     assert tensors["img_in.weight"].tensor_type == GGMLQuantizationType.Q8_0  # Q6_K fell back
     assert tensors["double_blocks.0.img_mlp.2.weight"].tensor_type == GGMLQuantizationType.Q4_K
-    assert {tensors[name].tensor_type for name in tensors if len(tensors[name].shape) == 1} == {GGMLQuantizationType.F32}
+    assert {tensors[name].tensor_type for name in tensors if len(tensors[name].shape) == 1} == {
+        GGMLQuantizationType.F32
+    }
     assert {"pipequant.model_config", "pipequant.quantization_config"} <= set(reader.fields)
 
 
@@ -184,7 +192,9 @@ def test_bfl_names_and_row_order_are_diffusers_own_conversion_inverted(tmp_path)
         assert torch.equal(converted[name], tensor), name
 
 
-def test_a_community_bfl_file_loads_into_diffusers_layout(flux_path, mixed_pipeline, community_file, mixed_image, generate):
+def test_a_community_bfl_file_loads_into_diffusers_layout(
+    flux_path, mixed_pipeline, community_file, mixed_image, generate
+):
     reader = GGUFReader(community_file)
     assert not [key for key in reader.fields if key.startswith("pipequant.")]
     assert any(t.name.startswith("model.diffusion_model.double_blocks.") for t in reader.tensors)
@@ -199,14 +209,20 @@ def test_a_community_bfl_file_loads_into_diffusers_layout(flux_path, mixed_pipel
     assert model.state_dict().keys() == mixed_pipeline.transformer.state_dict().keys()
 
     pipe = load_pipeline(
-        flux_path, transformer=community_file, quantization_config=PipelineQuantizationConfig(quant_mapping={"transformer": config}), torch_dtype=BF16
+        flux_path,
+        transformer=community_file,
+        quantization_config=PipelineQuantizationConfig(quant_mapping={"transformer": config}),
+        torch_dtype=BF16,
     )
     assert np.array_equal(generate(pipe), mixed_image)
 
 
 def test_diffusers_layout_export_loads_back_and_opens_in_diffusers(flux_path, tmp_path):
     model = load_model(
-        FluxTransformer2DModel, flux_path / "transformer", GGUFQuantizationConfig(quant_type="Q8_0"), torch_dtype=torch.float32
+        FluxTransformer2DModel,
+        flux_path / "transformer",
+        GGUFQuantizationConfig(quant_type="Q8_0"),
+        torch_dtype=torch.float32,
     )
     path = save_gguf(model, tmp_path / "diffusers-layout.gguf", layout="diffusers")
     reader = GGUFReader(path)
@@ -215,14 +231,20 @@ def test_diffusers_layout_export_loads_back_and_opens_in_diffusers(flux_path, tm
     assert_same_model(load_model(FluxTransformer2DModel, path), model)
 
     theirs = FluxTransformer2DModel.from_single_file(
-        str(path), config=str(flux_path), subfolder="transformer",
+        str(path),
+        config=str(flux_path),
+        subfolder="transformer",
         quantization_config=DiffusersGGUFConfig(compute_dtype=torch.float32),
     )
     torch.manual_seed(0)
     inputs = dict(
-        hidden_states=torch.randn(1, 16, 64), encoder_hidden_states=torch.randn(1, 8, 256),
-        pooled_projections=torch.randn(1, 256), timestep=torch.tensor([0.5]), img_ids=torch.zeros(16, 3),
-        txt_ids=torch.zeros(8, 3), guidance=torch.tensor([3.5]),
+        hidden_states=torch.randn(1, 16, 64),
+        encoder_hidden_states=torch.randn(1, 8, 256),
+        pooled_projections=torch.randn(1, 256),
+        timestep=torch.tensor([0.5]),
+        img_ids=torch.zeros(16, 3),
+        txt_ids=torch.zeros(8, 3),
+        guidance=torch.tensor([3.5]),
     )
     with torch.no_grad():
         ours_out, theirs_out = model(**inputs).sample, theirs(**inputs).sample
@@ -297,7 +319,9 @@ def test_truncated_or_corrupt_files_are_named(exported, tmp_path):
 def test_a_type_pipequant_cannot_read_is_named(community_file, flux_path, tmp_path):
     iq4 = np.zeros((128, 64 // 32 * 18), dtype=np.uint8)  # IQ4_NL: 32 weights in 18 bytes
     path = rewrite(
-        community_file, tmp_path / "iq4.gguf", retype=("model.diffusion_model.img_in.weight", iq4, GGMLQuantizationType.IQ4_NL)
+        community_file,
+        tmp_path / "iq4.gguf",
+        retype=("model.diffusion_model.img_in.weight", iq4, GGMLQuantizationType.IQ4_NL),
     )
     with pytest.raises(CheckpointError, match="'model.diffusion_model.img_in.weight' \\(IQ4_NL\\).*Supported types"):
         load_model(FluxTransformer2DModel, path, config_folder=flux_path / "transformer")
@@ -305,7 +329,8 @@ def test_a_type_pipequant_cannot_read_is_named(community_file, flux_path, tmp_pa
 
 def test_tensor_names_that_do_not_fit_the_model_are_named(community_file, flux_path, tmp_path):
     path = rewrite(
-        community_file, tmp_path / "renamed.gguf",
+        community_file,
+        tmp_path / "renamed.gguf",
         rename={"model.diffusion_model.txt_in.weight": "model.diffusion_model.txt_input.weight"},
     )
     with pytest.raises(CheckpointError, match="missing 1 keys.*context_embedder.weight.*txt_input.weight"):
@@ -314,10 +339,16 @@ def test_tensor_names_that_do_not_fit_the_model_are_named(community_file, flux_p
 
 def test_configs_that_contradict_a_gguf_file_are_refused(community_file, exported, flux_path):
     folder = flux_path / "transformer"
-    with pytest.raises(QuantizationConfigError, match="already quantized \\(.*Q8_0: 33 tensors.*leave them out for a .gguf file"):
-        load_model(FluxTransformer2DModel, community_file, GGUFQuantizationConfig(quant_type="Q4_K"), config_folder=folder)
+    with pytest.raises(
+        QuantizationConfigError, match="already quantized \\(.*Q8_0: 33 tensors.*leave them out for a .gguf file"
+    ):
+        load_model(
+            FluxTransformer2DModel, community_file, GGUFQuantizationConfig(quant_type="Q4_K"), config_folder=folder
+        )
     load_model(FluxTransformer2DModel, exported, MIXED)  # the config the file was written with is fine
-    with pytest.raises(QuantizationConfigError, match="modules_to_not_convert names layers .* holds quantized \\(proj_out"):
+    with pytest.raises(
+        QuantizationConfigError, match="modules_to_not_convert names layers .* holds quantized \\(proj_out"
+    ):
         load_model(FluxTransformer2DModel, exported, GGUFQuantizationConfig(modules_to_not_convert=["proj_out"]))
     with pytest.raises(QuantizationConfigError, match="must be a GGUFQuantizationConfig"):
         load_model(FluxTransformer2DModel, exported, DiffusersGGUFConfig())
@@ -331,8 +362,14 @@ def test_configs_that_contradict_a_gguf_file_are_refused(community_file, exporte
 def test_loading_a_gguf_file_copies_one_layer_at_a_time(tmp_path):
     torch.manual_seed(0)
     model = FluxTransformer2DModel(
-        in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=128, num_attention_heads=4,
-        joint_attention_dim=256, pooled_projection_dim=256, axes_dims_rope=(16, 56, 56),
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=2,
+        attention_head_dim=128,
+        num_attention_heads=4,
+        joint_attention_dim=256,
+        pooled_projection_dim=256,
+        axes_dims_rope=(16, 56, 56),
     )
     path = save_gguf(quantize_model(model, GGUFQuantizationConfig(quant_type="Q8_0")), tmp_path / "big.gguf")
     del model
@@ -387,7 +424,9 @@ def test_a_streamed_export_is_the_file_save_gguf_writes_after_a_load(flux_path, 
         warnings.simplefilter("ignore", GGUFTypeFallbackWarning)
         loaded = load_model(FluxTransformer2DModel, folder, MIXED, torch_dtype=dtype)
         saved = save_gguf(loaded, tmp_path / "saved.gguf", layout=layout)
-        streamed = export_gguf(FluxTransformer2DModel, folder, MIXED, tmp_path / "streamed.gguf", torch_dtype=dtype, layout=layout)
+        streamed = export_gguf(
+            FluxTransformer2DModel, folder, MIXED, tmp_path / "streamed.gguf", torch_dtype=dtype, layout=layout
+        )
     assert type_fallbacks(loaded)  # the config's fallbacks are part of what must agree
     assert streamed.read_bytes() == saved.read_bytes()
 
@@ -396,8 +435,14 @@ def test_a_streamed_export_reads_one_layer_at_a_time(tmp_path):
     """Anonymous memory while exporting stays far below the model's size (the loaded route holds all of it)."""
     torch.manual_seed(0)
     model = FluxTransformer2DModel(
-        in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=128, num_attention_heads=4,
-        joint_attention_dim=256, pooled_projection_dim=256, axes_dims_rope=(16, 56, 56),
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=2,
+        attention_head_dim=128,
+        num_attention_heads=4,
+        joint_attention_dim=256,
+        pooled_projection_dim=256,
+        axes_dims_rope=(16, 56, 56),
     )
     model.save_pretrained(tmp_path / "transformer")
     model_bytes = sum(t.nbytes for t in model.state_dict().values())
@@ -431,7 +476,18 @@ def test_cli_quantize_writes_a_gguf_file_that_loads(flux_path, tmp_path):
     runner = CliRunner()
     result = runner.invoke(
         app,
-        ["quantize", str(flux_path), "--backend", "gguf", "--type", "Q8_0", "--out", str(out), "--rule", "*.ff.net.2=Q4_K"],
+        [
+            "quantize",
+            str(flux_path),
+            "--backend",
+            "gguf",
+            "--type",
+            "Q8_0",
+            "--out",
+            str(out),
+            "--rule",
+            "*.ff.net.2=Q4_K",
+        ],
     )
     assert result.exit_code == 0, result.output
     assert "Wrote transformer" in result.output
@@ -440,6 +496,8 @@ def test_cli_quantize_writes_a_gguf_file_that_loads(flux_path, tmp_path):
     assert model.transformer_blocks[0].attn.to_q.ggml_type == "Q8_0"
 
     refused = runner.invoke(
-        app, ["quantize", str(flux_path), "--backend", "quanto", "--type", "Q8_0", "--out", str(out)], env={"COLUMNS": "300"}
+        app,
+        ["quantize", str(flux_path), "--backend", "quanto", "--type", "Q8_0", "--out", str(out)],
+        env={"COLUMNS": "300"},
     )
     assert refused.exit_code == 2 and "a .gguf file holds GGUF blocks" in refused.output

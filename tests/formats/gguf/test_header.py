@@ -139,11 +139,13 @@ def test_strings_that_are_not_utf8_are_refused(tmp_path):
 def test_unknown_types_duplicates_and_bad_alignment_are_refused(tmp_path):
     refused(gguf_file([kv("x", 99, b"")], []), "unknown metadata value type 99", tmp_path)
     refused(gguf_file([kv_string("x", "a"), kv_string("x", "b")], []), "'x' appears twice", tmp_path)
-    refused(gguf_file([kv("general.alignment", GGUFValueType.UINT32, struct.pack("<I", 24))], []), "power of two",
-            tmp_path)
+    refused(
+        gguf_file([kv("general.alignment", GGUFValueType.UINT32, struct.pack("<I", 24))], []), "power of two", tmp_path
+    )
     refused(gguf_file([], [tensor_info("t", (32,), 200, 0)], bytes(32)), "unknown GGML type id 200", tmp_path)
-    refused(gguf_file([], [tensor_info("t", (48,), Q8, 0)], bytes(64)), "48 is not a multiple of the Q8_0 block",
-            tmp_path)
+    refused(
+        gguf_file([], [tensor_info("t", (48,), Q8, 0)], bytes(64)), "48 is not a multiple of the Q8_0 block", tmp_path
+    )
     refused(gguf_file([kv("general.architecture", GGUFValueType.UINT8, b"\x01")], []), "not a STRING", tmp_path)
 
 
@@ -152,7 +154,7 @@ def test_unknown_types_duplicates_and_bad_alignment_are_refused(tmp_path):
     [
         ("pipequant.model_config", '"black-forest-labs/FLUX.1-dev"', "model_config is a JSON str, not a dict"),
         ("pipequant.quantization_config", "[1]", "quantization_config is a JSON list, not a dict"),
-        ("pipequant.gguf_layers", '[1, 2]', "gguf_layers is a JSON list, not a list of str"),
+        ("pipequant.gguf_layers", "[1, 2]", "gguf_layers is a JSON list, not a list of str"),
         ("pipequant.dtype", "save", "dtype is 'save'"),
         ("pipequant.model_config", "[" * 100_000, "model_config is not JSON"),
     ],
@@ -190,7 +192,10 @@ def test_files_gguf_py_writes_parse_to_the_same_header(tmp_path):
     assert header.data_offset == reference.data_offset
     for ours, theirs in zip(header.tensors, reference.tensors):
         assert (ours.name, ours.ggml_type, ours.offset, ours.nbytes) == (
-            theirs.name, theirs.tensor_type, theirs.data_offset, theirs.n_bytes
+            theirs.name,
+            theirs.tensor_type,
+            theirs.data_offset,
+            theirs.n_bytes,
         )
 
 
@@ -218,9 +223,7 @@ def _parses_or_is_refused(data: bytes) -> None:
     assert peak < 64 * len(data) + (1 << 20)
 
 
-_FUZZ = settings(
-    max_examples=FUZZ_EXAMPLES, deadline=FUZZ_DEADLINE_MS, suppress_health_check=[HealthCheck.too_slow]
-)
+_FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=FUZZ_DEADLINE_MS, suppress_health_check=[HealthCheck.too_slow])
 
 
 @_FUZZ
@@ -230,8 +233,7 @@ def test_fuzz_any_bytes(data):
 
 
 @_FUZZ
-@given(st.lists(st.tuples(st.integers(0, len(_SEED) - 1), st.integers(0, 255)), max_size=8),
-       st.integers(0, len(_SEED)))
+@given(st.lists(st.tuples(st.integers(0, len(_SEED) - 1), st.integers(0, 255)), max_size=8), st.integers(0, len(_SEED)))
 def test_fuzz_a_valid_file_with_bytes_changed_or_cut(changes, cut):
     data = bytearray(_SEED)
     for at, value in changes:
@@ -240,8 +242,11 @@ def test_fuzz_a_valid_file_with_bytes_changed_or_cut(changes, cut):
 
 
 _FILE_SEED = gguf_file(
-    [kv_string("pipequant.model_config", '{"num_layers": 1}'), kv_string("pipequant.gguf_layers", '["a"]'),
-     kv_string("pipequant.dtype", "bfloat16")],
+    [
+        kv_string("pipequant.model_config", '{"num_layers": 1}'),
+        kv_string("pipequant.gguf_layers", '["a"]'),
+        kv_string("pipequant.dtype", "bfloat16"),
+    ],
     [tensor_info("a.weight", (64, 2), Q8, 0), tensor_info("norm.weight", (64,), Q8, 160)],
     q8_tensor(2)[1] + bytes(24) + q8_tensor(1)[1] + bytes(28),
 )
@@ -269,12 +274,16 @@ _COUNTS = st.sampled_from([0, 1, 2, 255, 2**31, 2**32 - 1, 2**62, 2**64 - 1])
 
 
 @_FUZZ
-@given(st.lists(st.tuples(st.sampled_from(list(GGUFValueType)), _COUNTS, st.binary(max_size=24)), max_size=4),
-       st.lists(st.tuples(st.integers(0, 4), _COUNTS, st.sampled_from([0, 1, 8, 12, 99]), _COUNTS), max_size=3))
+@given(
+    st.lists(st.tuples(st.sampled_from(list(GGUFValueType)), _COUNTS, st.binary(max_size=24)), max_size=4),
+    st.lists(st.tuples(st.integers(0, 4), _COUNTS, st.sampled_from([0, 1, 8, 12, 99]), _COUNTS), max_size=3),
+)
 def test_fuzz_headers_that_claim_anything(values, tensors):
     kvs = [kv(f"k{i}", kind, struct.pack("<Q", count) + payload) for i, (kind, count, payload) in enumerate(values)]
     infos = [
-        gguf_string(f"t{i}") + struct.pack("<I", n_dims) + struct.pack("<Q", dim % 2**64) * n_dims
+        gguf_string(f"t{i}")
+        + struct.pack("<I", n_dims)
+        + struct.pack("<Q", dim % 2**64) * n_dims
         + struct.pack("<IQ", qtype, offset)
         for i, (n_dims, dim, qtype, offset) in enumerate(tensors)
     ]

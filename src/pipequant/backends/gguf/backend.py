@@ -119,7 +119,9 @@ class GGUFBackend(Backend[GGUFQuantizationConfig]):
         module = stored_linear(module, "GGUF")
         tensors = dict(state.tensors)
         if set(tensors) - {"weight", TYPE_TENSOR, "bias"} or not {"weight", TYPE_TENSOR} <= set(tensors):
-            raise ValueError(f"not a GGUF layer: expected weight, {TYPE_TENSOR} and optionally bias; found {sorted(tensors)}")
+            raise ValueError(
+                f"not a GGUF layer: expected weight, {TYPE_TENSOR} and optionally bias; found {sorted(tensors)}"
+            )
         if (module.bias is None) != ("bias" not in tensors):
             raise ValueError("the stored layer and the model disagree on whether the layer has a bias")
         ggml_type = type_name(int(tensors[TYPE_TENSOR].item()))

@@ -99,7 +99,8 @@ class GGUFQuantizationConfig(BackendConfig):
                     "layer no rule matches), e.g. GGUFQuantizationConfig(quant_type='Q4_K', type_rules=...)."
                 )
             self.type_rules = {
-                str(pattern): check_type_name(qtype, f"type_rules[{pattern!r}]") for pattern, qtype in self.type_rules.items()
+                str(pattern): check_type_name(qtype, f"type_rules[{pattern!r}]")
+                for pattern, qtype in self.type_rules.items()
             }
 
     def type_for(self, module_name: str) -> str:

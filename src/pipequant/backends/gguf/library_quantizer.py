@@ -56,7 +56,10 @@ class GGUFLayersQuantizer(GGUFQuantizer):
                 continue
             weight = module.dequantized_weight()
             linear = nn.Linear(
-                module.in_features, module.out_features, bias=module.bias is not None, device="meta",
+                module.in_features,
+                module.out_features,
+                bias=module.bias is not None,
+                device="meta",
                 dtype=dtype or weight.dtype,
             )
             linear.weight = nn.Parameter(weight.to(linear.weight.dtype), requires_grad=False)

@@ -28,9 +28,9 @@ from diffusers.quantizers.gguf.utils import GGUFParameter as DiffusersGGUFParame
 from gguf import GGMLQuantizationType
 from torch import nn
 
+from .codecs import block_size, quantize
 from .config import fitting_type, row_nbytes
 from .ops import gguf_dequantize
-from .codecs import block_size, quantize
 
 
 class GGUFTypeFallbackWarning(UserWarning):

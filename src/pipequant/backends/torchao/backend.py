@@ -62,7 +62,9 @@ class TorchAoBackend(Backend[TorchAoConfig]):
         Types whose quantizer needs CUDA kernels (int4wo, float8dq) refuse the meta device; for
         them this raises `QuantizationConfigError`.
         """
-        meta = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta", dtype=dtype)
+        meta = nn.Linear(
+            module.in_features, module.out_features, bias=module.bias is not None, device="meta", dtype=dtype
+        )
         try:
             return self.layer_nbytes(quantize_layer(meta.weight, meta.bias, config, torch.device("meta")))
         except (RuntimeError, ValueError) as error:

@@ -61,7 +61,8 @@ class TorchAoConfig(BackendConfig):
     def from_kwargs(cls, kwargs: dict[str, Any], *, context: str) -> TorchAoConfig:
         if "quant_type" not in kwargs:
             raise QuantizationConfigError(
-                f"{context}: torchao needs quant_type, e.g. {{'quant_type': 'int8wo'}}. Types: {', '.join(QUANT_TYPES)}."
+                f"{context}: torchao needs quant_type, e.g. {{'quant_type': 'int8wo'}}. Types: "
+                f"{', '.join(QUANT_TYPES)}."
             )
         return cls(**kwargs)
 
@@ -204,7 +205,8 @@ def _merge_options(serialized: dict[str, Any], given: dict[str, Any]) -> dict[st
     both = sorted(key for key in serialized.keys() & given.keys() if serialized[key] != given[key])
     if both:
         raise QuantizationConfigError(
-            f"Options {both} are given both as keywords and in quant_type_kwargs, with different values; give each once."
+            f"Options {both} are given both as keywords and in quant_type_kwargs, with different values; give each "
+            "once."
         )
     return {**serialized, **given}
 

@@ -45,7 +45,14 @@ FAMILIES: dict[str, Family] = {
         ("weight_dtype", "group_size", "granularity", "mapping_type", "scale_dtype"), group_size_into="granularity"
     ),
     _INT8DA_INTXW: Family(
-        ("weight_dtype", "group_size", "weight_granularity", "weight_mapping_type", "weight_scale_dtype", "act_mapping_type"),
+        (
+            "weight_dtype",
+            "group_size",
+            "weight_granularity",
+            "weight_mapping_type",
+            "weight_scale_dtype",
+            "act_mapping_type",
+        ),
         group_size_into="weight_granularity",
     ),
     _INT4WO: Family(

@@ -134,7 +134,12 @@ def _row_template(rows: torch.Tensor, config: TorchAoConfig, device: torch.devic
 
 
 def _assemble(
-    layer: nn.Module, names: list[str], attributes: dict, inner: list[torch.Tensor], module: nn.Linear, device: torch.device
+    layer: nn.Module,
+    names: list[str],
+    attributes: dict,
+    inner: list[torch.Tensor],
+    module: nn.Linear,
+    device: torch.device,
 ) -> nn.Module:
     """`layer` (torchao's, for some of the rows; it keeps whatever torchao set on it) holding the
     torchao tensor made of `inner`, for the whole of `module`'s weight, and `module`'s bias."""

@@ -23,9 +23,7 @@ def save_layer(module: nn.Linear) -> LayerState:
     try:
         flat, metadata = flatten_tensor_state_dict({f"{_LAYER}.weight": module.weight})
     except ValueError as error:  # a tensor subclass torchao's safetensors support does not cover
-        raise NotImplementedError(
-            f"torchao cannot save a {type(module.weight).__name__} weight: {error}"
-        ) from error
+        raise NotImplementedError(f"torchao cannot save a {type(module.weight).__name__} weight: {error}") from error
     tensors = {key.removeprefix(f"{_LAYER}."): value for key, value in flat.items()}
     if module.bias is not None:
         tensors["bias"] = module.bias.detach()
@@ -61,8 +59,7 @@ def restore_linear(module: nn.Linear, state: LayerState, device: torch.device) -
     weight = weights[f"{_LAYER}.weight"]
     if tuple(weight.shape) != (module.out_features, module.in_features):
         raise ValueError(
-            f"the stored weight has shape {tuple(weight.shape)}, the layer "
-            f"{(module.out_features, module.in_features)}"
+            f"the stored weight has shape {tuple(weight.shape)}, the layer {(module.out_features, module.in_features)}"
         )
     layer = nn.Linear(module.in_features, module.out_features, bias=bias is not None, device="meta")
     layer.weight = nn.Parameter(weight.to(device), requires_grad=False)

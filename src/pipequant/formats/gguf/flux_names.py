@@ -101,7 +101,9 @@ def is_bfl_flux(names: Iterable[str]) -> bool:
 
 def flux_tensors_from_bfl(names: Iterable[str]) -> list[FusedTensor]:
     names = list(names)
-    return flux_tensors(_count(names, "double_blocks"), _count(names, "single_blocks"), "guidance_in.in_layer.weight" in names)
+    return flux_tensors(
+        _count(names, "double_blocks"), _count(names, "single_blocks"), "guidance_in.in_layer.weight" in names
+    )
 
 
 def flux_tensors_from_diffusers(names: Iterable[str]) -> list[FusedTensor]:

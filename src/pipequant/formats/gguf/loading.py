@@ -71,7 +71,13 @@ def load_gguf_model(
     dtype = torch_dtype or file.metadata.dtype or config.compute_dtype or torch.float32
     config = dataclasses.replace(config, compute_dtype=config.compute_dtype or dtype)
     return stream_model(
-        model, checkpoint, config=config, dtype=dtype, device=torch.device(device or "cpu"), on_layer=on_layer, saved=True
+        model,
+        checkpoint,
+        config=config,
+        dtype=dtype,
+        device=torch.device(device or "cpu"),
+        on_layer=on_layer,
+        saved=True,
     )
 
 
@@ -84,10 +90,13 @@ def _config_for(file, given: GGUFQuantizationConfig | None) -> GGUFQuantizationC
         return saved or GGUFQuantizationConfig()
     asked = (given.quant_type, given.type_rules)
     if given.quant_type is not None and (saved is None or asked != (saved.quant_type, saved.type_rules)):
-        stored_as = "" if saved is None else f", written with quant_type={saved.quant_type!r}, type_rules={saved.type_rules!r}"
+        stored_as = (
+            "" if saved is None else f", written with quant_type={saved.quant_type!r}, type_rules={saved.type_rules!r}"
+        )
         raise QuantizationConfigError(
             f"{file.path} is already quantized ({file.describe_types()}{stored_as}), and its layers load in the types "
-            f"they were stored in; the config asks for quant_type={given.quant_type!r}, type_rules={given.type_rules!r}. "
+            f"they were stored in; the config asks for quant_type={given.quant_type!r}, "
+            f"type_rules={given.type_rules!r}. "
             "quant_type and type_rules are for quantizing full-precision weights: leave them out for a .gguf file, "
             "e.g. GGUFQuantizationConfig(compute_dtype=torch.bfloat16)."
         )

@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 from gguf.constants import GGUFValueType
 
+from ...backends.gguf.codecs.table import GGML_TYPES
 from ...checkpoint import CheckpointError
 from ...page_cache import FileRange, OpenFiles, ReadAhead, read_into
-from ...backends.gguf.codecs.table import GGML_TYPES
 from .flux_names import flux_tensors_from_bfl, is_bfl_flux, strip_bfl_prefix
 from .header import GGUFHeader, TensorInfo, read_header
 from .metadata import PipequantMetadata
@@ -127,9 +127,11 @@ class GGUFFile:
         if len(stored) != len(header.tensors):
             raise CheckpointError(f"{self.path}: some tensors are stored twice, with and without the BFL name prefix.")
         self.layout = "bfl" if is_bfl_flux(stored) else "diffusers"
-        self.pieces = _bfl_pieces(self.path, stored) if self.layout == "bfl" else {
-            name: _whole(name, *stored_tensor) for name, stored_tensor in stored.items()
-        }
+        self.pieces = (
+            _bfl_pieces(self.path, stored)
+            if self.layout == "bfl"
+            else {name: _whole(name, *stored_tensor) for name, stored_tensor in stored.items()}
+        )
 
     def describe_types(self) -> str:
         """e.g. "Q4_K: 304 tensors, F32: 476 tensors", for messages."""
@@ -165,7 +167,9 @@ def _whole(name: str, tensor: TensorInfo, source: FileRange) -> TensorPiece:
 def _bfl_pieces(path: Path, stored: dict) -> dict[str, TensorPiece]:
     """Diffusers name -> piece, for a Flux file in the BFL layout; names outside the table pass through."""
     if "img_in.weight" not in stored:
-        raise CheckpointError(f"{path}: the tensor names look like Flux (double_blocks.*) but img_in.weight is missing.")
+        raise CheckpointError(
+            f"{path}: the tensor names look like Flux (double_blocks.*) but img_in.weight is missing."
+        )
     hidden = stored["img_in.weight"][0].shape[0]
     pieces: dict[str, TensorPiece] = {}
     for fused in flux_tensors_from_bfl(stored):

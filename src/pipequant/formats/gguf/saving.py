@@ -26,8 +26,8 @@ from torch import nn
 from ...backends import get_backend
 from ...backends.gguf.config import GGUFQuantizationConfig, fitting_type, row_nbytes
 from ...checkpoint import SAFETENSORS_DTYPES, ComponentCheckpoint
-from ...page_cache import ReadAhead
 from ...markers import mark_quantized
+from ...page_cache import ReadAhead
 from ...quantizing import QuantizationRecord, keep_in_fp32_patterns, quantization_record
 from ...streaming import (
     build_empty_model,
@@ -242,7 +242,9 @@ class _OrderedReads:
             self._ahead.reached(self._position[key])
         return self._loading.cast_stored(full_name.rpartition(".")[0], self._checkpoint.read(key))
 
-    def layer_part(self, module_name: str, tensor_name: str, config: GGUFQuantizationConfig) -> Callable[[], np.ndarray]:
+    def layer_part(
+        self, module_name: str, tensor_name: str, config: GGUFQuantizationConfig
+    ) -> Callable[[], np.ndarray]:
         """Makes the bytes of the GGUF layer's `tensor_name` ("weight": its GGML blocks, "bias": a plain tensor),
         from the layer the backend makes while loading (same codec, fallback and bias dtype). The layer is made
         when the first of its parts is reached and kept until the other is."""

@@ -2,9 +2,10 @@
 
 Tensors are declared first and their bytes produced one at a time while the data section is
 written, so a file is written with one tensor (one stacked BFL tensor at most) in memory beyond
-the model, or beyond nothing when the parts are made on demand (`LazyPart`). The file goes to a temporary name beside the target and is renamed over it only once
-complete and synced: a failed or killed write leaves no partial file under the target's name, and
-the next write to the same path removes the temporary a killed one left (`atomic.py`).
+the model, or beyond nothing when the parts are made on demand (`LazyPart`). The file goes to a
+temporary name beside the target and is renamed over it only once complete and synced: a failed or
+killed write leaves no partial file under the target's name, and the next write to the same path
+removes the temporary a killed one left (`atomic.py`).
 """
 
 from __future__ import annotations
@@ -92,7 +93,9 @@ def to_bfl_layout(tensors: dict[str, StoredTensor]) -> dict[str, StoredTensor]:
             continue
         if len(present) != len(fused.parts):
             missing = sorted(set(fused.parts) - set(present))
-            raise ValueError(f"the BFL tensor {fused.bfl!r} stacks {', '.join(fused.parts)}; the model lacks {', '.join(missing)}")
+            raise ValueError(
+                f"the BFL tensor {fused.bfl!r} stacks {', '.join(fused.parts)}; the model lacks {', '.join(missing)}"
+            )
         parts = [left.pop(part) for part in fused.parts]
         types = {part.ggml_type for part in parts}
         widths = {part.byte_shape[1:] for part in parts}
