@@ -359,9 +359,10 @@ def test_configs_that_contradict_a_gguf_file_are_refused(community_file, exporte
 # --- memory -----------------------------------------------------------------------------------------
 
 
-def test_loading_a_gguf_file_copies_one_layer_at_a_time(tmp_path):
+def _mid_sized_flux() -> FluxTransformer2DModel:
+    """A Flux transformer of about 17 M parameters: large beside what one layer costs, quick to build."""
     torch.manual_seed(0)
-    model = FluxTransformer2DModel(
+    return FluxTransformer2DModel(
         in_channels=64,
         num_layers=1,
         num_single_layers=2,
@@ -371,6 +372,10 @@ def test_loading_a_gguf_file_copies_one_layer_at_a_time(tmp_path):
         pooled_projection_dim=256,
         axes_dims_rope=(16, 56, 56),
     )
+
+
+def test_loading_a_gguf_file_copies_one_layer_at_a_time(tmp_path):
+    model = _mid_sized_flux()
     path = save_gguf(quantize_model(model, GGUFQuantizationConfig(quant_type="Q8_0")), tmp_path / "big.gguf")
     del model
     gc.collect()
@@ -433,17 +438,7 @@ def test_a_streamed_export_is_the_file_save_gguf_writes_after_a_load(flux_path, 
 
 def test_a_streamed_export_reads_one_layer_at_a_time(tmp_path):
     """Anonymous memory while exporting stays far below the model's size (the loaded route holds all of it)."""
-    torch.manual_seed(0)
-    model = FluxTransformer2DModel(
-        in_channels=64,
-        num_layers=1,
-        num_single_layers=2,
-        attention_head_dim=128,
-        num_attention_heads=4,
-        joint_attention_dim=256,
-        pooled_projection_dim=256,
-        axes_dims_rope=(16, 56, 56),
-    )
+    model = _mid_sized_flux()
     model.save_pretrained(tmp_path / "transformer")
     model_bytes = sum(t.nbytes for t in model.state_dict().values())
     del model
