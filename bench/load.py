@@ -4,8 +4,14 @@ Each case runs in a fresh process (so one case's allocator state cannot help or 
 wall time of the load, peak anonymous memory above the process's baseline after imports, and the
 RSS high-water mark. The table is printed and written to bench/results/load.md.
 
+With --pipeline, the whole Flux pipeline folder loads instead, the transformer quantized, each side
+through its own call as a diffusers user writes it: diffusers' ``DiffusionPipeline.from_pretrained``
+with its ``PipelineQuantizationConfig``, and pipequant's drop-in ``pipequant.DiffusionPipeline`` with the
+same call (bench/results/load_pipeline.md). Medians of --runs runs, the cases taking turns.
+
     python bench/load.py                 # every case
     python bench/load.py --cases pipequant-nf4 diffusers-bf16
+    python bench/load.py --pipeline --runs 3
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -25,6 +32,7 @@ from table import publish  # run as a script, so this folder is first on sys.pat
 from pipequant.testing.memory import PeakSampler, anonymous_bytes, rss_high_water_mark
 
 RESULTS = Path(__file__).resolve().parent / "results" / "load.md"
+PIPELINE_RESULTS = RESULTS.with_name("load_pipeline.md")
 
 
 def _ours(class_name: str, *args, **kwargs):
@@ -123,9 +131,13 @@ CASES = {
 
 
 def checkpoint_folder() -> Path:
+    return pipeline_folder() / "transformer"
+
+
+def pipeline_folder() -> Path:
     from pipequant.testing.fixtures import make_tiny_pipeline, tiny_pipeline_cache_dir
 
-    return make_tiny_pipeline(tiny_pipeline_cache_dir() / "flux-bench", "flux", size="bench") / "transformer"
+    return make_tiny_pipeline(tiny_pipeline_cache_dir() / "flux-bench", "flux", size="bench")
 
 
 def largest_layer_nbytes(folder: Path) -> int:
@@ -160,7 +172,23 @@ def prepare_saved(name: str, folder: Path) -> None:
     pipequant.save_model(model, target, overwrite=True)
 
 
-def run_case(name: str, folder: Path) -> dict:
+def load_whole_pipeline(library: str, config):
+    """The pipeline, transformer quantized with `config` (None: bf16), as each library's user loads it."""
+    import torch
+
+    if library == "diffusers":
+        from diffusers import DiffusionPipeline
+        from diffusers import PipelineQuantizationConfig as Config
+    else:
+        from pipequant import DiffusionPipeline
+        from pipequant import PipelineQuantizationConfig as Config
+    quantization = Config(quant_mapping={"transformer": config}) if config is not None else None
+    return DiffusionPipeline.from_pretrained(
+        pipeline_folder(), quantization_config=quantization, torch_dtype=torch.bfloat16
+    )
+
+
+def run_case(name: str, folder: Path, whole_pipeline: bool = False) -> dict:
     """Runs in the child process: import everything first, then measure only the load."""
     import torch
     from diffusers import FluxTransformer2DModel
@@ -177,7 +205,9 @@ def run_case(name: str, folder: Path) -> dict:
     baseline = anonymous_bytes()
     started = time.perf_counter()
     with PeakSampler() as sampler:
-        if library == "diffusers":
+        if whole_pipeline:
+            pipe = load_whole_pipeline(library, config)
+        elif library == "diffusers":
             kwargs = {"quantization_config": config} if config is not None else {}
             model = FluxTransformer2DModel.from_pretrained(folder, dtype=torch.bfloat16, **kwargs)
         elif source == "saved":
@@ -185,12 +215,17 @@ def run_case(name: str, folder: Path) -> dict:
         else:
             model = pipequant.load_model(FluxTransformer2DModel, folder, config, torch_dtype=torch.bfloat16)
     seconds = time.perf_counter() - started
+    if whole_pipeline:
+        models = {name: value for name, value in pipe.components.items() if isinstance(value, torch.nn.Module)}
+        model_bytes = sum(component_memory(name, model).bytes_after for name, model in models.items())
+    else:
+        model_bytes = component_memory("transformer", model).bytes_after
     return {
         "seconds": seconds,
         "baseline": baseline,
         "peak_above_baseline": sampler.peak - baseline,
         "rss_hwm": rss_high_water_mark(),
-        "model_bytes": component_memory("transformer", model).bytes_after,
+        "model_bytes": model_bytes,
     }
 
 
@@ -206,44 +241,55 @@ def reference_case(name: str) -> str | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=None)
+    parser.add_argument("--pipeline", action="store_true", help="load the whole pipeline, transformer quantized")
+    parser.add_argument("--runs", type=int, default=1, help="runs per case; the table shows medians")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     folder = checkpoint_folder()
     if args.child:
-        print(json.dumps(run_case(args.child, folder)))
+        print(json.dumps(run_case(args.child, folder, args.pipeline)))
         return
+    cases = args.cases or [name for name, case in CASES.items() if not (args.pipeline and case[3] == "saved")]
+    if args.pipeline and any(CASES[name][3] == "saved" for name in cases):
+        raise SystemExit("--pipeline loads the bf16 pipeline folder; the reload cases are transformer-only.")
 
     largest = largest_layer_nbytes(folder)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error"}
-    for name in args.cases:
+    for name in cases:
         if CASES[name][3] == "saved":
             prepare_saved(name, folder)
-    rows = {}
-    for name in args.cases:
-        # Page-cache the files the same way for every case, so no case pays the disk read alone.
-        source = saved_folder(name) if CASES[name][3] == "saved" else folder
-        for path in source.glob("*.safetensors"):
-            path.read_bytes()
-        out = subprocess.run(
-            [sys.executable, __file__, "--child", name], capture_output=True, text=True, env=env, check=False
-        )
-        if out.returncode != 0:
-            print(f"{name} failed:\n{out.stderr[-3000:]}", file=sys.stderr)
-            continue
-        rows[name] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(
-            f"{name}: {rows[name]['seconds']:.2f} s, peak +{rows[name]['peak_above_baseline'] / 1e9:.3f} GB",
-            file=sys.stderr,
-        )
-    print_and_write(rows, largest)
+    runs: dict[str, list[dict]] = defaultdict(list)
+    for _ in range(args.runs):
+        for name in cases:  # the cases take turns, so a burst of other work hits each alike
+            # Page-cache the files the same way for every case, so no case pays the disk read alone.
+            source = saved_folder(name) if CASES[name][3] == "saved" else pipeline_folder() if args.pipeline else folder
+            for path in source.rglob("*.safetensors"):
+                path.read_bytes()
+            command = [sys.executable, __file__, "--child", name] + (["--pipeline"] if args.pipeline else [])
+            out = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+            if out.returncode != 0:
+                print(f"{name} failed:\n{out.stderr[-3000:]}", file=sys.stderr)
+                continue
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+            runs[name].append(result)
+            print(
+                f"{name}: {result['seconds']:.2f} s, peak +{result['peak_above_baseline'] / 1e9:.3f} GB",
+                file=sys.stderr,
+            )
+    rows = {
+        name: {key: statistics.median(r[key] for r in results) for key in results[0]} | {"n": len(results)}
+        for name, results in runs.items()
+    }
+    print_and_write(rows, largest, args.pipeline)
 
 
-def print_and_write(rows: dict[str, dict], largest: int) -> None:
+def print_and_write(rows: dict[str, dict], largest: int, whole_pipeline: bool = False) -> None:
     header = [
         "case",
         "mode",
-        "load s",
+        "runs",
+        "load s (median)",
         "time vs reference",
         "model GB",
         "peak anon above baseline GB",
@@ -260,6 +306,7 @@ def print_and_write(rows: dict[str, dict], largest: int) -> None:
             [
                 name,
                 mode,
+                str(r["n"]),
                 f"{r['seconds']:.2f}",
                 ratio,
                 f"{r['model_bytes'] / 1e9:.3f}",
@@ -278,6 +325,15 @@ def print_and_write(rows: dict[str, dict], largest: int) -> None:
         "(RSS less file-backed pages) sampled every 2 ms, above the process's memory after imports. "
         "Reference: diffusers in the same mode, or for a reload row, pipequant quantizing from the bf16 checkpoint."
     )
+    if whole_pipeline:
+        intro = intro.replace("`python bench/load.py`", "`python bench/load.py --pipeline`") + (
+            " The whole Flux pipeline loads (transformer quantized, text encoders and VAE in bf16), through"
+            " diffusers' DiffusionPipeline.from_pretrained with its PipelineQuantizationConfig, and through"
+            " pipequant.DiffusionPipeline with the same call; model GB counts every model component."
+        )
+        title = "Loading a Flux pipeline with a 0.4 B-parameter transformer (bf16, page-cached), CPU"
+        publish(PIPELINE_RESULTS, "Whole-pipeline load benchmark", intro, title, header, lines)
+        return
     title = "Loading a 0.4 B-parameter Flux transformer (bf16 checkpoint, page-cached), CPU"
     publish(RESULTS, "Load benchmark", intro, title, header, lines)
 
