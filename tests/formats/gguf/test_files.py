@@ -25,11 +25,13 @@ from pipequant import (
     GGUFQuantizationConfig,
     PipelineQuantizationConfig,
     QuantizationConfigError,
+    QuantoConfig,
     export_gguf,
     load_model,
     load_pipeline,
     quantize_model,
     save_gguf,
+    save_model,
     save_pipeline,
 )
 from pipequant.backends.gguf import GGUFLinear, GGUFTypeFallbackWarning, type_fallbacks
@@ -434,6 +436,20 @@ def test_a_streamed_export_is_the_file_save_gguf_writes_after_a_load(flux_path, 
         )
     assert type_fallbacks(loaded)  # the config's fallbacks are part of what must agree
     assert streamed.read_bytes() == saved.read_bytes()
+
+
+def test_a_streamed_export_refuses_what_it_cannot_write_before_reading(flux_path, tmp_path):
+    folder = flux_path / "transformer"
+    with pytest.raises(QuantizationConfigError, match="no quant_type"):
+        export_gguf(FluxTransformer2DModel, folder, GGUFQuantizationConfig(), tmp_path / "a.gguf")
+    with pytest.raises(QuantizationConfigError, match="not QuantoConfig"):
+        export_gguf(FluxTransformer2DModel, folder, QuantoConfig(), tmp_path / "a.gguf")
+    saved = save_model(load_model(FluxTransformer2DModel, folder, MIXED), tmp_path / "saved")
+    with pytest.raises(QuantizationConfigError, match="saved already quantized"):
+        export_gguf(FluxTransformer2DModel, saved, MIXED, tmp_path / "a.gguf")
+    with pytest.raises(ValueError, match="ends in .gguf"):
+        export_gguf(FluxTransformer2DModel, folder, MIXED, tmp_path / "a.safetensors")
+    assert not list(tmp_path.glob("*.gguf*"))
 
 
 def test_a_streamed_export_reads_one_layer_at_a_time(tmp_path):

@@ -24,11 +24,13 @@ import torch
 from torch import nn
 
 from ...backends import get_backend
+from ...backends.base import QuantizationConfigError
 from ...backends.gguf.config import GGUFQuantizationConfig, fitting_type, row_nbytes
 from ...checkpoint import SAFETENSORS_DTYPES, ComponentCheckpoint
 from ...markers import mark_quantized
 from ...page_cache import ReadAhead
 from ...quantizing import QuantizationRecord, keep_in_fp32_patterns, quantization_record
+from ...restoring import stored_quantization_config
 from ...streaming import (
     build_empty_model,
     match_keys,
@@ -86,6 +88,15 @@ def export_gguf(
     uses it.
     """
     path, folder = _checked_path(path, layout), Path(folder)
+    if not isinstance(config, GGUFQuantizationConfig):
+        raise QuantizationConfigError(
+            f"export_gguf writes GGUF layers; its config is a GGUFQuantizationConfig, not {type(config).__name__}."
+        )
+    if stored_quantization_config(folder) is not None:
+        raise QuantizationConfigError(
+            f"{folder} is saved already quantized; export_gguf quantizes full-precision folders. Load it and write "
+            "it with save_gguf(load_model(...), path) instead (GGUF folders only)."
+        )
     backend = get_backend("gguf")
     backend.require()
     backend.check_device(config, torch.device("cpu"))
