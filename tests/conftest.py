@@ -45,20 +45,21 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("each_backend", configs, ids=list(BACKEND_CONFIGS))
 
 
-def _generate(pipe, steps: int = 2, seed: int = 0):
+def _generate(pipe, steps: int = 2, seed: int = 0, device: str = "cpu"):
     return pipe(
         "photo of a cute dog",
         num_inference_steps=steps,
         height=64,
         width=64,
-        generator=torch.Generator().manual_seed(seed),
+        generator=torch.Generator(device).manual_seed(seed),
         output_type="np",
     ).images[0]
 
 
 @pytest.fixture(scope="session")
 def generate():
-    """generate(pipe, steps=2, seed=0) -> one small image as a numpy array, the same call everywhere."""
+    """generate(pipe, steps=2, seed=0, device="cpu") -> one small image as a numpy array, the same call everywhere
+    (`device`: where the random generator lives, "cuda" for a pipeline on the GPU)."""
     return _generate
 
 

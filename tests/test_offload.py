@@ -73,24 +73,17 @@ def test_sequentially_offloaded_quantized_weights_leave_memory_and_give_the_same
         ("leaf_level", True),
     ],
 )
-def test_offloaded_quantized_pipeline_on_cuda_matches_the_pipeline_on_cuda(flux_path, each_backend, mode, use_stream):
+def test_offloaded_quantized_pipeline_on_cuda_matches_the_pipeline_on_cuda(
+    flux_path, generate, each_backend, mode, use_stream
+):
     config = PipelineQuantizationConfig(quant_mapping={"transformer": each_backend})
-
-    def image(pipe):
-        return pipe(
-            "photo of a cute dog",
-            num_inference_steps=2,
-            height=64,
-            width=64,
-            output_type="np",
-            generator=torch.Generator("cuda").manual_seed(0),
-        ).images[0]
-
-    expected = image(load_pipeline(flux_path, quantization_config=config, torch_dtype=torch.bfloat16, device="cuda"))
+    expected = generate(
+        load_pipeline(flux_path, quantization_config=config, torch_dtype=torch.bfloat16, device="cuda"), device="cuda"
+    )
     pipe = load_pipeline(flux_path, quantization_config=config, torch_dtype=torch.bfloat16)
     if mode != "model" and mode != "sequential":
         pipe.to("cuda")  # group offloading covers the transformer; the other components sit on the GPU
         pipe.transformer.to("cpu")
     offload(pipe, mode, torch.device("cuda"), use_stream)
     # the same kernels on the same device: equal up to the order of a few reductions
-    np.testing.assert_allclose(image(pipe), expected, atol=2e-2)
+    np.testing.assert_allclose(generate(pipe, device="cuda"), expected, atol=2e-2)
