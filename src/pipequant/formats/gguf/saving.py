@@ -107,8 +107,8 @@ def export_gguf(
     # the config the loaded model would carry, which the file's model config repeats
     record_load_dtype(model, torch_dtype)
     mark_quantized(model, config, dtype=torch_dtype, pre_quantized=False, keep_in_fp32=keep_in_fp32_patterns(model))
-    reads = _OrderedReads(checkpoint, key_map, loading)
-    tensors, metadata = _stored_state(model, planned=(config, loading, reads))
+    reads = _OrderedReads(checkpoint, key_map, loading, config)
+    tensors, metadata = _stored_state(model, planned=reads)
     metadata.quantization_config = config.to_dict()
     tensors, architecture, fields = _laid_out(model_class.__name__, tensors, metadata, layout)
     with reads.ahead(tensors):
@@ -141,7 +141,7 @@ def _laid_out(
 
 
 def _stored_state(
-    model: nn.Module, planned: tuple[GGUFQuantizationConfig, TensorLoading, _OrderedReads] | None = None
+    model: nn.Module, planned: _OrderedReads | None = None
 ) -> tuple[dict[str, StoredTensor], PipequantMetadata]:
     """Every tensor to write under its state-dict name, and what the metadata says about the model.
 
@@ -161,32 +161,30 @@ def _stored_state(
         prefix = f"{name}." if name else ""
         if isinstance(module, GGUFLinear):
             tensors[prefix + "weight"] = StoredTensor(module.ggml_type, [module.weight.detach().cpu().numpy()])
+            if module.bias is not None:
+                tensors[prefix + "bias"] = _plain(prefix + "bias", module.bias)
             requested = module.requested_type
-        elif planned is not None and planned[1].quantized(name):
-            config, _, reads = planned
-            requested = config.type_for(name)
-            ggml_type = fitting_type(requested, module.in_features, reads.dtype(name, "weight"))
+        elif planned is not None and planned.quantized(name):
+            requested = planned.config.type_for(name)
+            ggml_type = fitting_type(requested, module.in_features, planned.dtype(name, "weight"))
+            makers = planned.layer_parts(name, has_bias=module.bias is not None)
             shape = (module.out_features, row_nbytes(ggml_type, module.in_features))
-            part = LazyPart(shape, reads.layer_part(name, "weight", config), source=prefix + "weight")
-            tensors[prefix + "weight"] = StoredTensor(ggml_type, [part])
-            requested = requested if ggml_type != requested else None
+            tensors[prefix + "weight"] = StoredTensor(ggml_type, [LazyPart(shape, makers["weight"], prefix + "weight")])
             if module.bias is not None:
                 qtype, byte_shape = _plain_type(prefix + "bias", (module.out_features,), torch.float32)
-                bias = LazyPart(byte_shape, reads.layer_part(name, "bias", config), source=prefix + "bias")
-                tensors[prefix + "bias"] = StoredTensor(qtype, [bias])
+                tensors[prefix + "bias"] = StoredTensor(qtype, [LazyPart(byte_shape, makers["bias"], prefix + "bias")])
+            requested = requested if ggml_type != requested else None
         else:
             non_persistent = getattr(module, "_non_persistent_buffers_set", set())
             for key, tensor in (*module._parameters.items(), *module._buffers.items()):
                 if tensor is not None and key not in non_persistent:
-                    dtype = tensor.dtype if planned is None else planned[2].dtype(name, key)
+                    dtype = tensor.dtype if planned is None else planned.dtype(name, key)
                     tensors[prefix + key] = _plain(prefix + key, tensor, planned)
                     plain_dtypes[dtype] += tensor.numel()
             continue
         metadata.gguf_layers.add(name)
         if requested is not None:
             metadata.type_fallbacks[name] = requested
-        if isinstance(module, GGUFLinear) and module.bias is not None:
-            tensors[prefix + "bias"] = _plain(prefix + "bias", module.bias)
     for group in tied_groups(model):
         for alias in group[1:]:
             tensors.pop(alias, None)
@@ -194,16 +192,15 @@ def _stored_state(
     return tensors, metadata
 
 
-def _plain(name: str, tensor: torch.Tensor, planned: tuple | None = None) -> StoredTensor:
+def _plain(name: str, tensor: torch.Tensor, planned: _OrderedReads | None = None) -> StoredTensor:
     """`tensor` as a plain GGUF tensor; with `planned`, `tensor` is on the meta device and its bytes are read
     when the writer reaches them."""
     if planned is None:
         data = _plain_bytes(name, tensor.detach().to("cpu"))
         return StoredTensor(_plain_type(name, tuple(tensor.shape), tensor.dtype)[0], [data])
-    reads: _OrderedReads = planned[2]
     module_name, _, key = name.rpartition(".")
-    qtype, byte_shape = _plain_type(name, tuple(tensor.shape), reads.dtype(module_name, key))
-    return StoredTensor(qtype, [LazyPart(byte_shape, lambda: _plain_bytes(name, reads.read(name)), source=name)])
+    qtype, byte_shape = _plain_type(name, tuple(tensor.shape), planned.dtype(module_name, key))
+    return StoredTensor(qtype, [LazyPart(byte_shape, lambda: _plain_bytes(name, planned.read(name)), source=name)])
 
 
 def _plain_type(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[str, tuple[int, ...]]:
@@ -224,16 +221,25 @@ def _plain_bytes(name: str, tensor: torch.Tensor) -> np.ndarray:
 
 
 class _OrderedReads:
-    """The checkpoint tensors `export_gguf` reads, loaded as `load_model` loads them, read ahead in write order."""
+    """The checkpoint tensors `export_gguf` reads, loaded and quantized as `load_model` loads them with `config`,
+    read ahead in write order."""
 
-    def __init__(self, checkpoint: ComponentCheckpoint, key_map: dict[str, str], loading: TensorLoading) -> None:
+    def __init__(
+        self,
+        checkpoint: ComponentCheckpoint,
+        key_map: dict[str, str],
+        loading: TensorLoading,
+        config: GGUFQuantizationConfig,
+    ) -> None:
         self._checkpoint = checkpoint
         self._key_map = key_map
         self._loading = loading
+        self.config = config
         self._position: dict[str, int] = {}
         self._ahead: ReadAhead | None = None
-        #: GGUF layers made for one part and waiting for the other: name -> [layer, parts left]
-        self._layers: dict[str, list] = {}
+
+    def quantized(self, module_name: str) -> bool:
+        return self._loading.quantized(module_name)
 
     def dtype(self, module_name: str, tensor_name: str) -> torch.dtype:
         """The dtype the tensor has once loaded."""
@@ -247,43 +253,41 @@ class _OrderedReads:
         return self._loading.stored_dtype(module_name, SAFETENSORS_DTYPES[self._checkpoint.dtype(key)])
 
     def read(self, full_name: str) -> torch.Tensor:
-        return_freed_memory()  # the previous tensor's memory, written and freed (see `streaming.return_freed_memory`)
         key = self._key_map[full_name]
         if self._ahead is not None and key in self._position:
             self._ahead.reached(self._position[key])
         return self._loading.cast_stored(full_name.rpartition(".")[0], self._checkpoint.read(key))
 
-    def layer_part(
-        self, module_name: str, tensor_name: str, config: GGUFQuantizationConfig
-    ) -> Callable[[], np.ndarray]:
-        """Makes the bytes of the GGUF layer's `tensor_name` ("weight": its GGML blocks, "bias": a plain tensor),
-        from the layer the backend makes while loading (same codec, fallback and bias dtype). The layer is made
-        when the first of its parts is reached and kept until the other is."""
+    def layer_parts(self, module_name: str, *, has_bias: bool) -> dict[str, Callable[[], np.ndarray]]:
+        """Makers of the GGUF layer's bytes, "weight" (its GGML blocks) and "bias" (a plain tensor), from the
+        layer the backend makes while loading (same codec, fallback and bias dtype). The layer is made when the
+        first of its parts is reached and kept until the other is."""
+        names = ("weight", "bias") if has_bias else ("weight",)
+        left: dict[str, torch.Tensor] = {}  # the parts of the made layer not yet written
 
-        def make() -> np.ndarray:
-            if module_name not in self._layers:
-                self._layers[module_name] = [self._quantized(module_name, config), self._part_count(module_name)]
-            entry = self._layers[module_name]
-            entry[1] -= 1
-            if entry[1] == 0:
-                del self._layers[module_name]
-            tensor = getattr(entry[0], tensor_name)
-            return tensor.numpy() if tensor_name == "weight" else _plain_bytes(module_name, tensor)
+        def maker(tensor_name: str) -> Callable[[], np.ndarray]:
+            def make() -> np.ndarray:
+                if not left:
+                    layer = self._quantized(module_name, has_bias)
+                    left.update({name: getattr(layer, name) for name in names})
+                tensor = left.pop(tensor_name)
+                return tensor.numpy() if tensor_name == "weight" else _plain_bytes(module_name, tensor)
 
-        return make
+            return make
 
-    def _part_count(self, module_name: str) -> int:
-        return 2 if f"{module_name}.bias" in self._key_map or (not module_name and "bias" in self._key_map) else 1
+        return {name: maker(name) for name in names}
 
-    def _quantized(self, module_name: str, config: GGUFQuantizationConfig) -> nn.Module:
+    def _quantized(self, module_name: str, has_bias: bool) -> nn.Module:
+        # the last layer's full-precision weight and blocks are written and freed: hand their pages back, as the
+        # loader does per layer (see `streaming.return_freed_memory`)
+        return_freed_memory()
         prefix = f"{module_name}." if module_name else ""
         weight = self.read(prefix + "weight")
-        bias = self.read(prefix + "bias") if self._part_count(module_name) == 2 else None
-        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta")
         linear.weight = nn.Parameter(weight, requires_grad=False)
-        if bias is not None:
-            linear.bias = nn.Parameter(bias, requires_grad=False)
-        return get_backend("gguf").quantize(module_name, linear, config, torch.device("cpu"))
+        if has_bias:
+            linear.bias = nn.Parameter(self.read(prefix + "bias"), requires_grad=False)
+        return get_backend("gguf").quantize(module_name, linear, self.config, torch.device("cpu"))
 
     @contextlib.contextmanager
     def ahead(self, tensors: dict[str, StoredTensor]) -> Iterator[None]:
