@@ -1,10 +1,10 @@
-"""Reads through page_cache: the same bytes as safetensors, no file page left mapped or cached, read-ahead issued."""
+"""Reads through page_cache: the same bytes as safetensors, no file page left mapped, the page cache left as it was
+found, ranges read ahead within the window."""
 
 from __future__ import annotations
 
 import mmap
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import pipequant
 from pipequant.checkpoint import ComponentCheckpoint
-from pipequant.page_cache import FileRange, OpenFiles, ReadAhead, read_into
+from pipequant.page_cache import FileRange, OpenFiles, ReadAhead, read_tensor
 from pipequant.testing.memory import mapped_rss, resident_pages
 
 _PAGE = mmap.PAGESIZE
@@ -60,13 +60,23 @@ def test_reads_give_safetensors_own_tensors(component: Path) -> None:
 
 
 @pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise on this platform")
-def test_read_pages_are_released_from_the_page_cache(component: Path) -> None:
+@pytest.mark.parametrize("direct", [True, False], ids=["O_DIRECT", "through the cache"])
+def test_a_read_leaves_the_page_cache_as_it_found_it(
+    component: Path, direct: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A range not cached is not cached by the read (read around the cache, or dropped after); a cached one stays."""
+    if not direct:  # as on a file system that refuses O_DIRECT (tmpfs)
+        monkeypatch.setattr(OpenFiles, "direct_descriptor", lambda self, path: None)
     path = component / "model.safetensors"
-    checkpoint = ComponentCheckpoint(component)
+    expected = load_file(path)["big"].clone()  # (safetensors' tensors map the file: comparing would fault it in)
+    _evict(path)
+    checkpoint = ComponentCheckpoint(component)  # notes the file as not cached
+    _evict(path)  # what the kernel read ahead around the headers, gone (as under memory pressure)
+    assert torch.equal(checkpoint.read("big"), expected)  # 2 MB of the file
+    assert resident_pages(path) * _PAGE < 64 * _PAGE  # neighbouring tensors' pages at most
     path.read_bytes()  # the whole file cached
+    assert torch.equal(ComponentCheckpoint(component).read("big"), expected)
     assert resident_pages(path) * _PAGE >= path.stat().st_size - _PAGE
-    checkpoint.read("big")  # 2 MB of the file
-    assert resident_pages(path) * _PAGE < path.stat().st_size - 2 * 2**20 + 16 * _PAGE
 
 
 def test_no_file_page_stays_mapped_after_a_load(flux_path: Path) -> None:
@@ -76,19 +86,61 @@ def test_no_file_page_stays_mapped_after_a_load(flux_path: Path) -> None:
     assert model.proj_out.weight.is_contiguous()
 
 
-@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise on this platform")
-def test_read_ahead_brings_in_the_window_ahead_and_no_more(tmp_path: Path) -> None:
+def test_read_ahead_reads_within_its_window_and_gives_the_file_bytes(tmp_path: Path) -> None:
     path = tmp_path / "data"
-    path.write_bytes(os.urandom(8 * 2**20))
-    ranges = [FileRange(path, offset, 2**20) for offset in range(0, 8 * 2**20, 2**20)]
+    data = os.urandom(8 * 2**20)
+    path.write_bytes(data)
     _evict(path)
-    with ReadAhead(OpenFiles(), ranges, window=3 * 2**20) as ahead:
-        ahead.reached(2)  # ranges 2, 3 and 4 are within the window from range 2
-    deadline = time.monotonic() + 5
-    while resident_pages(path) * _PAGE < 3 * 2**20 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert 3 * 2**20 <= resident_pages(path) * _PAGE < 4 * 2**20
-    assert torch.equal(  # and a read of one of them gives the file's bytes
-        read_into(torch.empty(2**20, dtype=torch.uint8), OpenFiles(), ranges[3]),
-        torch.frombuffer(bytearray(path.read_bytes()[3 * 2**20 : 4 * 2**20]), dtype=torch.uint8),
-    )
+    ranges = [FileRange(path, offset, 2**20) for offset in range(0, 8 * 2**20, 2**20)]
+    files = OpenFiles()
+    with ReadAhead(files, ranges, window=3 * 2**20) as ahead:
+        assert ahead.pending_bytes == 3 * 2**20  # ranges 0, 1 and 2 are being read
+        first = read_tensor(files, ranges[0], torch.uint8, (2**20,))
+        assert ahead.pending_bytes == 3 * 2**20  # 1, 2 and 3: the window moved on with the range taken
+        read_tensor(files, ranges[4], torch.uint8, (2**20,))  # 1 to 3 passed: dropped, not read again
+        assert ahead.pending_bytes == 3 * 2**20  # 5, 6 and 7
+        last = read_tensor(files, ranges[7], torch.uint8, (2**20,))
+        assert ahead.pending_bytes == 0
+        again = read_tensor(files, ranges[3], torch.uint8, (2**20,))  # out of order: read when asked
+    assert files.ahead is None
+    for tensor, start in ((first, 0), (last, 7), (again, 3)):
+        assert tensor.numpy().tobytes() == data[start * 2**20 : (start + 1) * 2**20]
+
+
+def test_cached_ranges_are_left_to_the_loader(tmp_path: Path) -> None:
+    """A range already in the page cache is copied from there by the loader itself: no thread, no window."""
+    path = tmp_path / "data"
+    path.write_bytes(os.urandom(4 * 2**20))
+    path.read_bytes()
+    ranges = [FileRange(path, offset, 2**20) for offset in range(0, 4 * 2**20, 2**20)]
+    with ReadAhead(OpenFiles(), ranges) as ahead:
+        assert ahead.pending_bytes == 0
+
+
+def test_a_range_at_an_odd_offset_reads_as_its_dtype(tmp_path: Path) -> None:
+    """O_DIRECT reads whole blocks; a tensor starting at an odd byte inside one still comes out right."""
+    path = tmp_path / "data"
+    values = torch.randn(2**20, dtype=torch.float32)
+    path.write_bytes(b"x" + values.numpy().tobytes() + b"tail")
+    _evict(path)
+    read = read_tensor(OpenFiles(), FileRange(path, 1, values.nbytes), torch.float32, (2**10, 2**10))
+    assert torch.equal(read, values.view(2**10, 2**10))
+
+
+def test_a_file_shorter_than_its_range_is_an_eof_error(tmp_path: Path) -> None:
+    path = tmp_path / "data"
+    path.write_bytes(os.urandom(3 * 2**20))
+    _evict(path)
+    with pytest.raises(EOFError, match="ends inside"):
+        read_tensor(OpenFiles(), FileRange(path, 2**20, 4 * 2**20), torch.uint8, (4 * 2**20,))
+
+
+def test_the_page_cache_is_noted_before_the_headers_are_read(tmp_path: Path) -> None:
+    """What a load brings in itself (the kernel reads ahead around a header) does not count as the user's."""
+    path = tmp_path / "data"
+    path.write_bytes(os.urandom(2**20))
+    _evict(path)
+    files = OpenFiles([path])
+    path.read_bytes()  # as the header reads of a small file may
+    assert not files.is_cached(FileRange(path, 4096, 2**19))
+    assert OpenFiles().is_cached(FileRange(path, 4096, 2**19))  # a file not noted is probed when read

@@ -1,7 +1,7 @@
 """The safetensors weights of one component folder: which files, which keys, one tensor at a time.
 
 safetensors reads the headers (and checks them); tensors are read one at a time into memory of
-their own (`page_cache.read_into`: no file page stays mapped, read-ahead keeps the disk busy while
+their own (`page_cache.read_tensor`: no file page stays mapped, read-ahead keeps the disk busy while
 the previous layer is quantized), so the loader never holds more than the layer it is working on
 in full precision. Pickle checkpoints are refused: unpickling runs
 arbitrary code, and we never need it because every format we load exists as safetensors.
@@ -24,7 +24,7 @@ from typing import BinaryIO, Protocol
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .page_cache import FileRange, OpenFiles, ReadAhead, read_into
+from .page_cache import FileRange, OpenFiles, ReadAhead, read_tensor
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # diffusers' and transformers' single-file names; other *.safetensors beside them are variants (fp16, ...)
@@ -82,7 +82,7 @@ class Checkpoint(Protocol):
     def read(self, key: str, device: torch.device | str = "cpu") -> torch.Tensor: ...
 
     def read_ahead(self, keys: Sequence[str]) -> ReadAhead:
-        """Read-ahead for reading `keys` in this order (`ReadAhead.reached(i)` before reading keys[i])."""
+        """Read `keys` ahead, in the order `read` will be asked for them, while the returned object is open."""
         ...
 
 
@@ -98,11 +98,11 @@ class ComponentCheckpoint:
         self._index_path = _index_file(self.folder, variant)
         self._weight_map = None if self._index_path is None else read_index(self._index_path)
         self.files = _find_weight_files(self.folder, self._index_path, self._weight_map, variant)
+        self._open_files = OpenFiles(self.files)  # before the headers are read
         self._handles = {path: _open(path) for path in self.files}
         self._ranges: dict[str, FileRange] = {}
         for path in self.files:
             self._ranges.update(_data_ranges(path))
-        self._open_files = OpenFiles()
         self._metadata: dict[str, str] = {}
         for handle in self._handles.values():
             self._metadata.update(handle.metadata() or {})
@@ -156,9 +156,8 @@ class ComponentCheckpoint:
                 f"{self._file_of[key]}: tensor {key!r} is stored as {stored}, a type pipequant does not load "
                 f"(it reads {', '.join(SAFETENSORS_DTYPES)})."
             )
-        tensor = torch.empty(self.shape(key), dtype=SAFETENSORS_DTYPES[stored])
         try:
-            read_into(tensor, self._open_files, self._ranges[key])
+            tensor = read_tensor(self._open_files, self._ranges[key], SAFETENSORS_DTYPES[stored], self.shape(key))
         except (EOFError, OSError) as error:
             raise CheckpointError(
                 f"{self._file_of[key]}: cannot read tensor {key!r} ({error}). The file is truncated or corrupt; "

@@ -9,7 +9,6 @@ materialize the whole full-precision state first (or need a GPU for bitsandbytes
 from __future__ import annotations
 
 import ctypes
-import itertools
 import re
 from pathlib import Path
 from typing import Any
@@ -88,12 +87,10 @@ def stream_model(
 
     owners = [(name, module) for name, module in model.named_modules() if _own_state_names(module)]
     reads = [_layer_reads(name, module, key_map, stored) for name, module in owners]
-    first_reads = list(itertools.accumulate((len(keys) for keys in reads), initial=0))
-    with checkpoint.read_ahead([key for keys in reads for key in keys.values()]) as ahead:
+    with checkpoint.read_ahead([key for keys in reads for key in keys.values()]):
         full_nbytes = 0
         parameter_count = 0
-        for done, ((name, module), layer_reads, first_read) in enumerate(zip(owners, reads, first_reads), start=1):
-            ahead.reached(first_read)
+        for done, ((name, module), layer_reads) in enumerate(zip(owners, reads), start=1):
             if name in stored:
                 assert backend is not None and config is not None
                 for tensor in module.parameters(recurse=False):

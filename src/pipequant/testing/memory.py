@@ -8,12 +8,12 @@ they are not memory a load needs. The RSS high-water mark is reported beside it.
 
 from __future__ import annotations
 
-import ctypes
-import mmap
 import os
 import threading
 import time
 from pathlib import Path
+
+from ..page_cache import page_residency
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -76,23 +76,3 @@ def mapped_rss(prefix: str | Path) -> int:
 def resident_pages(path: Path) -> int:
     """How many of the file's pages are in the page cache."""
     return sum(page_residency(path))
-
-
-def page_residency(path: Path) -> list[bool]:
-    """Whether each page of the file is in the page cache: mincore on a fresh map, which touches nothing."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    size = path.stat().st_size
-    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
-    residency = (ctypes.c_ubyte * pages)()
-    with open(path, "rb") as file:
-        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, file.fileno(), 0)
-        try:
-            if libc.mincore(address, size, residency) != 0:
-                raise OSError(ctypes.get_errno(), "mincore")
-        finally:
-            libc.munmap(address, size)
-    return [bool(byte & 1) for byte in residency]

@@ -29,7 +29,7 @@ from gguf.constants import GGUFValueType
 
 from ...backends.gguf.codecs.table import GGML_TYPES
 from ...checkpoint import CheckpointError
-from ...page_cache import FileRange, OpenFiles, ReadAhead, read_into
+from ...page_cache import FileRange, OpenFiles, ReadAhead, read_tensor
 from .flux_names import flux_tensors_from_bfl, is_bfl_flux, strip_bfl_prefix
 from .header import GGUFHeader, TensorInfo, read_header
 from .metadata import PipequantMetadata
@@ -76,9 +76,8 @@ class TensorPiece:
         one row of GGML blocks per row."""
         source = self.range
         rows = 1 if self._one_row else self.shape[0]
-        raw = torch.empty((rows, source.nbytes // rows if rows else 0), dtype=torch.uint8)
         try:
-            read_into(raw, files, source)
+            raw = read_tensor(files, source, torch.uint8, (rows, source.nbytes // rows if rows else 0))
         except (EOFError, OSError) as error:
             raise CheckpointError(
                 f"{source.path}: cannot read tensor {self.name!r} ({error}). The file is truncated or corrupt; "
@@ -109,8 +108,8 @@ class GGUFFile:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        #: the descriptor the pieces are read with
-        self.open_files = OpenFiles()
+        #: the descriptors the pieces are read with (made before the header is read: see `OpenFiles`)
+        self.open_files = OpenFiles([self.path])
         header = read_header(self.path)
         self.architecture = _string_field(self.path, header, "general.architecture")
         fields = {key: _string_field(self.path, header, key) for key in header.fields if key.startswith("pipequant.")}
@@ -255,9 +254,9 @@ class GGUFCheckpoint:
         return self._tensors[key].tensor(self.file.open_files).to(device)
 
     def read_ahead(self, keys: Sequence[str]) -> ReadAhead:
-        """Read-ahead over the file ranges of `keys`, in the order the loader reads them (see `page_cache`)."""
-        no_bytes = FileRange(self.file.path, 0, 0)  # a layer's type, made from the header: nothing to read
-        ranges = [no_bytes if key in self._type_keys else self._piece(key).range for key in keys]
+        """Read the file ranges of `keys` ahead, in the order the loader reads them (see `page_cache`)."""
+        # a layer's type key is made from the header: nothing to read
+        ranges = [self._piece(key).range for key in keys if key not in self._type_keys]
         return ReadAhead(self.file.open_files, ranges)
 
     def _piece(self, key: str) -> TensorPiece:

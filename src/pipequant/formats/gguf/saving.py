@@ -28,7 +28,6 @@ from ...backends.base import QuantizationConfigError
 from ...backends.gguf.config import GGUFQuantizationConfig, fitting_type, row_nbytes
 from ...checkpoint import SAFETENSORS_DTYPES, ComponentCheckpoint
 from ...markers import mark_quantized
-from ...page_cache import ReadAhead
 from ...quantizing import QuantizationRecord, keep_in_fp32_patterns, quantization_record
 from ...restoring import stored_quantization_config
 from ...streaming import (
@@ -235,8 +234,6 @@ class _OrderedReads:
         self._key_map = key_map
         self._loading = loading
         self.config = config
-        self._position: dict[str, int] = {}
-        self._ahead: ReadAhead | None = None
 
     def quantized(self, module_name: str) -> bool:
         return self._loading.quantized(module_name)
@@ -254,8 +251,6 @@ class _OrderedReads:
 
     def read(self, full_name: str) -> torch.Tensor:
         key = self._key_map[full_name]
-        if self._ahead is not None and key in self._position:
-            self._ahead.reached(self._position[key])
         return self._loading.cast_stored(full_name.rpartition(".")[0], self._checkpoint.read(key))
 
     def layer_parts(self, module_name: str, *, has_bias: bool) -> dict[str, Callable[[], np.ndarray]]:
@@ -293,11 +288,8 @@ class _OrderedReads:
     def ahead(self, tensors: dict[str, StoredTensor]) -> Iterator[None]:
         """Read ahead in the order the writer makes `tensors` (BFL stacking keeps each tensor's parts in order)."""
         sources = [part.source for tensor in tensors.values() for part in tensor.parts if isinstance(part, LazyPart)]
-        keys = [self._key_map[source] for source in sources]
-        self._position = {key: index for index, key in enumerate(keys)}
-        with self._checkpoint.read_ahead(keys) as self._ahead:
+        with self._checkpoint.read_ahead([self._key_map[source] for source in sources]):
             yield
-        self._ahead = None
 
 
 def _model_config(model: nn.Module) -> dict | None:
