@@ -29,6 +29,7 @@ import dataclasses
 import errno
 import mmap
 import os
+import sys
 import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -160,37 +161,84 @@ def read_tensor(files: OpenFiles, source: FileRange, dtype: torch.dtype, shape: 
     return data.view(dtype).view(tuple(shape))
 
 
-def _read(files: OpenFiles, source: FileRange, *, cached: bool) -> torch.Tensor:
-    """`source`'s bytes (uint8) in fresh memory, through the page cache where `cached`, else around it."""
-    if source.nbytes == 0:
-        return torch.empty(0, dtype=torch.uint8)
-    if not cached and source.nbytes >= DIRECT_MIN_BYTES:
-        descriptor = files.direct_descriptor(source.path)
-        if descriptor is not None:
-            try:
-                return _read_direct(descriptor, source)
-            except OSError as error:
-                if error.errno != errno.EINVAL:
-                    raise
-                files.refuse_direct(source.path)
-    data = torch.empty(source.nbytes, dtype=torch.uint8)
-    descriptor = files.descriptor(source.path)
-    _read_fully(descriptor, memoryview(data.numpy()), source.offset, source)
-    if _ADVICE and not cached:  # the pages this read brought in, and only those
-        os.posix_fadvise(descriptor, source.offset, source.nbytes, os.POSIX_FADV_DONTNEED)
-    return data
-
-
-def _read_direct(descriptor: int, source: FileRange) -> torch.Tensor:
-    """Read the aligned blocks around `source` into an anonymous mapping (page-aligned, as ``O_DIRECT``
-    needs; freed when the last tensor viewing it goes) and return the range's bytes within it."""
+def _read(files: OpenFiles, source: FileRange, *, cached: bool, buffers: ReadBuffers | None = None) -> torch.Tensor:
+    """`source`'s bytes (uint8) in memory of the process's own: through the page cache where `cached`, else
+    around it (``O_DIRECT``; or through it, then dropped). A large range goes into page-aligned memory, from
+    `buffers` where given, that the returned tensor views."""
+    if source.nbytes < DIRECT_MIN_BYTES:
+        data = torch.empty(source.nbytes, dtype=torch.uint8)
+        _read_through_cache(files, source, memoryview(data.numpy()), drop=not cached)
+        return data
     start = source.offset - source.offset % _DIRECT_ALIGNMENT
     end = -(-(source.offset + source.nbytes) // _DIRECT_ALIGNMENT) * _DIRECT_ALIGNMENT
-    buffer = mmap.mmap(-1, end - start)
-    # stops at the end of the file, which need not be block-aligned
-    _read_fully(descriptor, memoryview(buffer), start, source, least=source.offset + source.nbytes - start)
+    buffer = buffers.get(end - start) if buffers is not None else mmap.mmap(-1, end - start)
     lead = source.offset - start
+    descriptor = None if cached else files.direct_descriptor(source.path)
+    try:
+        if descriptor is None:
+            _read_through_cache(files, source, memoryview(buffer)[lead : lead + source.nbytes], drop=not cached)
+        else:  # whole blocks; the last one may end with the file
+            _read_fully(descriptor, memoryview(buffer)[: end - start], start, source, least=lead + source.nbytes)
+    except OSError as error:
+        if descriptor is None or error.errno != errno.EINVAL:
+            raise
+        files.refuse_direct(source.path)  # took O_DIRECT at open, refuses its reads
+        _read_through_cache(files, source, memoryview(buffer)[lead : lead + source.nbytes], drop=True)
     return torch.frombuffer(buffer, dtype=torch.uint8)[lead : lead + source.nbytes]
+
+
+def _read_through_cache(files: OpenFiles, source: FileRange, into: memoryview, *, drop: bool) -> None:
+    descriptor = files.descriptor(source.path)
+    _read_fully(descriptor, into, source.offset, source)
+    if drop and _ADVICE:  # the pages this read brought in, and only those
+        os.posix_fadvise(descriptor, source.offset, source.nbytes, os.POSIX_FADV_DONTNEED)
+
+
+class ReadBuffers:
+    """Page-aligned memory for large reads, handed out again once no tensor views it any more.
+
+    Fresh memory is costly: the kernel zeroes every page on first touch, and on this project's VM that costs
+    about 1 s of system time per GB (a 12 B load would spend 24 s on it). A load reads each quantized layer's
+    full-precision weight once and drops it after quantizing; the next block's weights have the same sizes,
+    so they go into the same memory. A buffer is idle when only this pool holds it: every tensor made by
+    `torch.frombuffer` keeps a reference to its buffer until the tensor's memory is freed. Idle buffers
+    beyond `idle_limit` bytes are unmapped (oldest first), so memory no layer shape reuses is given back.
+    """
+
+    def __init__(self, idle_limit: int) -> None:
+        self._idle_limit = idle_limit
+        self._buffers: list[mmap.mmap] = []  # oldest first
+        self._lock = threading.Lock()  # the readers ask from their threads
+
+    def get(self, nbytes: int) -> mmap.mmap:
+        """An idle buffer of at least `nbytes`, else a new one."""
+        size = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
+        with self._lock:
+            return self._get(size)
+
+    def _get(self, size: int) -> mmap.mmap:
+        idle = [index for index in range(len(self._buffers)) if self._is_idle(index)]
+        # the smallest idle buffer that fits, wasting at most a quarter of it (a tensor the model keeps holds
+        # its whole buffer): the layers of one block have a few sizes, which the next block's reuse
+        fitting = [index for index in idle if size <= len(self._buffers[index]) <= size * 5 // 4]
+        if fitting:
+            best = min(fitting, key=lambda index: len(self._buffers[index]))
+            self._buffers.append(self._buffers.pop(best))  # (newest last)
+            return self._buffers[-1]
+        idle_bytes = sum(len(self._buffers[index]) for index in idle)
+        dropped = []
+        for index in idle:  # oldest first
+            if idle_bytes + size <= self._idle_limit:
+                break
+            idle_bytes -= len(self._buffers[index])
+            dropped.append(index)
+        for index in reversed(dropped):
+            del self._buffers[index]  # unmapped with its last reference
+        self._buffers.append(mmap.mmap(-1, size))
+        return self._buffers[-1]
+
+    def _is_idle(self, index: int) -> bool:
+        return sys.getrefcount(self._buffers[index]) == 2  # this list's reference and the call's own
 
 
 def _read_fully(descriptor: int, buffer: memoryview, offset: int, source: FileRange, least: int | None = None) -> None:
@@ -252,8 +300,9 @@ class ReadAhead:
     bytes ahead of the loader; `read_tensor` on the same `files` takes them while this is open.
 
     Only ranges not already in the page cache are read ahead (whether they are is checked once, here);
-    the loader reads cached ones itself. A range the loader passes without taking is dropped, and one it
-    asks for out of order is read then (never twice into the window). `close` stops the threads.
+    the loader reads cached ones itself when it takes them. Either way large ranges go into `ReadBuffers`
+    shared by the whole load. A range the loader passes without taking is dropped, and one it asks for
+    out of order is read then (never twice into the window). `close` stops the threads.
     """
 
     def __init__(self, files: OpenFiles, ranges: Sequence[FileRange], window: int = READ_AHEAD_BYTES) -> None:
@@ -267,6 +316,9 @@ class ReadAhead:
         self._next = 0  # the loader takes ranges[_next:] from here on
         self._scheduled = 0  # ranges[:_scheduled] are read ahead (if cold) or left to the loader
         self._reads: dict[int, Future[torch.Tensor]] = {}
+        largest = max((source.nbytes for source in self._ranges), default=0)
+        # idle buffers for the next layers' reads: those in flight ahead, or the layer the loader reads itself
+        self._buffers = ReadBuffers(idle_limit=window + largest if any(self._cold) else 2 * largest)
         self._executor = ThreadPoolExecutor(READERS, thread_name_prefix="pipequant-read") if any(self._cold) else None
         files.ahead = self
         self._schedule()
@@ -277,7 +329,8 @@ class ReadAhead:
         return sum(self._ranges[position].nbytes for position in self._reads)
 
     def take(self, source: FileRange) -> torch.Tensor | None:
-        """`source`'s bytes if read ahead (waiting for the read to finish); None where the caller reads it."""
+        """`source`'s bytes, read ahead (waiting for the read to finish) or read now; None for a range not
+        among this read-ahead's (the caller reads it)."""
         positions = [position for position in self._positions.get(source, ()) if position >= self._next]
         if not positions:
             return None
@@ -289,7 +342,9 @@ class ReadAhead:
         self._next = position + 1
         read = self._reads.pop(position, None)
         self._schedule()  # before waiting: the readers go on while this one finishes
-        return read.result() if read is not None else None
+        if read is not None:
+            return read.result()
+        return _read(self._files, source, cached=not self._cold[position], buffers=self._buffers)
 
     def _schedule(self) -> None:
         if self._executor is None:
@@ -300,7 +355,9 @@ class ReadAhead:
             if self._cold[self._scheduled]:
                 if self._reads and self.pending_bytes + source.nbytes > self._window:
                     break
-                self._reads[self._scheduled] = self._executor.submit(_read, self._files, source, cached=False)
+                self._reads[self._scheduled] = self._executor.submit(
+                    _read, self._files, source, cached=False, buffers=self._buffers
+                )
             self._scheduled += 1
 
     def close(self) -> None:
