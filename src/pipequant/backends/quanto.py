@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .. import kernels
+from ..meta_modules import no_init_on_meta
 from . import int8_rows, row_blocks
 from .base import (
     Backend,
@@ -129,10 +130,13 @@ class QuantoBackend(Backend[QuantoConfig]):
     plan_candidates = ("quanto-int8", "quanto-int4")
 
     def quantize(self, module_name: str, module: nn.Linear, config: QuantoConfig, device: torch.device) -> nn.Module:
-        from optimum.quanto import quantize_module
-
-        activations = f"q{config.activations_dtype}" if config.activations_dtype else None
-        layer = quantize_module(module.to(device), weights=f"q{config.weights_dtype}", activations=activations)
+        module = module.to(device)
+        # what quanto's `QLinear.from_module` does, less the memory it gives the layer's weight only to replace it
+        layer = _qlinear_on_meta(module, config)
+        layer.weight = module.weight
+        layer.bias = module.bias
+        layer.input_scale = torch.ones_like(layer.input_scale, device=device)
+        layer.output_scale = torch.ones_like(layer.output_scale, device=device)
         if layer.weight.shape[0] > 1:  # quanto quantizes a one-row weight per tensor
             layer.weight = nn.Parameter(_weight_by_rows(layer))
         else:
@@ -171,17 +175,22 @@ class QuantoBackend(Backend[QuantoConfig]):
 
     def restore(self, module: nn.Module, state: LayerState, config: QuantoConfig, device: torch.device) -> nn.Module:
         """A `QLinear` made on meta for the saved types, filled by quanto's own deserializer from the stored tensors."""
-        from optimum.quanto import QLinear, qtypes
-
-        module = stored_linear(module, self.name)
-        activations = qtypes[f"q{config.activations_dtype}"] if config.activations_dtype else None
-        weights = qtypes[f"q{config.weights_dtype}"]
-        layer = QLinear.qcreate(module, weights=weights, activations=activations, device="meta")
+        layer = _qlinear_on_meta(stored_linear(module, self.name), config)
         try:
             layer.load_state_dict(state.tensors, strict=True, assign=True)
         except RuntimeError as error:
             raise ValueError(f"not a quanto {config.weights_dtype} layer: {error}") from error
         return layer.to(device)
+
+
+def _qlinear_on_meta(module: nn.Linear, config: QuantoConfig) -> nn.Module:
+    """quanto's `QLinear` of `module`'s shape and dtype for `config`'s types, on meta, built without initialisers."""
+    from optimum.quanto import QLinear, qtypes
+
+    activations = qtypes[f"q{config.activations_dtype}"] if config.activations_dtype else None
+    weights = qtypes[f"q{config.weights_dtype}"]
+    with no_init_on_meta():
+        return QLinear.qcreate(module, weights=weights, activations=activations, device="meta")
 
 
 def _weight_by_rows(layer: nn.Module) -> torch.Tensor:
