@@ -21,6 +21,7 @@ from .backends import backend_for
 from .backends.base import BackendConfig
 from .checkpoint import Checkpoint, CheckpointError
 from .config_bounds import check_config_fits
+from .meta_modules import no_init_on_meta
 from .quantizing import QuantizationRecord, record_quantization, replace_module
 from .restoring import restore_layer, saved_layers
 from .tensor_loading import TensorLoading
@@ -39,14 +40,14 @@ def build_empty_model(
     The config is first checked against the stored tensors' `shapes` (`config_bounds`), so a config that
     cannot fit the weights fails before the build costs anything. Buffers are real (created on the
     CPU), as accelerate's `init_empty_weights` leaves them, so non-persistent buffers (position ids,
-    rotary tables) that no checkpoint holds are ready.
+    rotary tables) that no checkpoint holds are ready; the parameters' initialisers are skipped (`meta_modules`).
     """
     if isinstance(config, Path):
         source = str(config / "config.json")
     if hasattr(model_class, "load_config") and hasattr(model_class, "from_config"):  # a diffusers model
         settings = model_class.load_config(config) if isinstance(config, Path) else config
         check_config_fits(settings, shapes, source)
-        with init_empty_weights():
+        with init_empty_weights(), no_init_on_meta():
             return model_class.from_config(settings)
     config_class = getattr(model_class, "config_class", None)
     if config_class is None:
@@ -56,7 +57,7 @@ def build_empty_model(
         )
     built = config_class.from_pretrained(config) if isinstance(config, Path) else config_class.from_dict(config)
     check_config_fits(built.to_dict(), shapes, source)
-    with init_empty_weights():
+    with init_empty_weights(), no_init_on_meta():
         return model_class(built)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from pipequant import (
     quantize_pipeline,
 )
 from pipequant.backends import config_from_dict, get_backend
+from pipequant.streaming import return_freed_memory
+from pipequant.testing.memory import PeakSampler, anonymous_bytes
 
 MODELS = {"flux": ("transformer", "text_encoder", "text_encoder_2"), "sd": ("unet", "text_encoder")}
 #: flux loads in bfloat16 (quanto's tinygemm int4 path), sd in float32 (its generic packed path)
@@ -180,3 +183,21 @@ def test_bad_config_is_refused_when_constructed(make_config, message):
 def test_saved_quantization_config_reads_back(saved, expected):
     """A component's config.json `quantization_config`, as pipequant, diffusers or transformers write it."""
     assert config_from_dict(json.loads(json.dumps(saved)), context="config.json") == expected
+
+
+def test_int4_quantizes_a_big_layer_without_whole_weight_temporaries():
+    """quanto's own int4 in bfloat16 makes one byte per code and an int32 copy of the whole weight (2.5 times the
+    layer's bytes) before packing; the backend packs a block of rows at a time, so its peak stays below the layer's
+    size (the packed weight is a quarter of it, one block's temporaries a few MB)."""
+    rows, columns = 4096, 8192
+    layer = nn.Linear(columns, rows, dtype=torch.bfloat16, device="meta")
+    layer.weight = nn.Parameter(torch.randn(rows, columns, dtype=torch.bfloat16), requires_grad=False)
+    layer.bias = nn.Parameter(torch.zeros(rows, dtype=torch.bfloat16), requires_grad=False)
+    layer_nbytes = layer.weight.nbytes
+    gc.collect()
+    return_freed_memory()
+    before = anonymous_bytes()
+    with PeakSampler(interval=0.001) as sampler:
+        quantized = get_backend("quanto").quantize("layer", layer, QuantoConfig("int4"), torch.device("cpu"))
+    assert type(quantized.weight).__name__ == "TinyGemmWeightQBitsTensor"
+    assert sampler.peak - before < 0.9 * layer_nbytes

@@ -76,8 +76,9 @@ def test_torchao(shape, quant_type, torchao_config):
     assert torch.equal(ours(inputs), theirs(inputs))
 
 
-# (160, 256): groups of 128 in bfloat16, which quanto repacks for its tinygemm kernel
-@pytest.mark.parametrize("shape", [*SHAPES, (160, 256)])
+# (160, 256), (208, 384): groups of 128 in bfloat16, which quanto packs for its tinygemm kernel, in blocks of whole
+# tiles of rows (64 with AVX512): two full blocks and a shorter one, three full and one of 16 rows
+@pytest.mark.parametrize("shape", [*SHAPES, (160, 256), (208, 384)])
 @pytest.mark.parametrize("weights_dtype", ["int8", "float8", "int4", "int2"])
 def test_quanto(shape, weights_dtype, assert_same_state):
     ours = get_backend("quanto").quantize("layer", make_linear(shape, 1), QuantoConfig(weights_dtype), CPU)

@@ -21,6 +21,8 @@ from typing import Any, ClassVar, Generic, TypeVar
 import torch
 from torch import nn
 
+from ..meta_modules import meta_linear
+
 
 class QuantizationConfigError(ValueError):
     """A quantization config that cannot work; the message names the problem and the fix."""
@@ -337,7 +339,7 @@ def stored_linear(module: nn.Module, backend_name: str) -> nn.Linear:
 
 def linear_like(module: nn.Module, weight: torch.Tensor) -> nn.Linear:
     """A full-precision `nn.Linear` of `weight` with a copy of `module`'s bias, for quantizing again."""
-    linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+    linear = meta_linear(module.in_features, module.out_features, bias=module.bias is not None)
     linear.weight = nn.Parameter(weight, requires_grad=False)
     if module.bias is not None:
         linear.bias = nn.Parameter(module.bias.data.clone(), requires_grad=False)

@@ -8,6 +8,7 @@ its tinygemm CPU/CUDA kernel) and their state dicts are quanto's format.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from .. import kernels
+from ..meta_modules import no_init_on_meta
 from . import int8_rows, row_blocks
 from .base import (
     Backend,
@@ -128,10 +130,13 @@ class QuantoBackend(Backend[QuantoConfig]):
     plan_candidates = ("quanto-int8", "quanto-int4")
 
     def quantize(self, module_name: str, module: nn.Linear, config: QuantoConfig, device: torch.device) -> nn.Module:
-        from optimum.quanto import quantize_module
-
-        activations = f"q{config.activations_dtype}" if config.activations_dtype else None
-        layer = quantize_module(module.to(device), weights=f"q{config.weights_dtype}", activations=activations)
+        module = module.to(device)
+        # what quanto's `QLinear.from_module` does, less the memory it gives the layer's weight only to replace it
+        layer = _qlinear_on_meta(module, config)
+        layer.weight = module.weight
+        layer.bias = module.bias
+        layer.input_scale = torch.ones_like(layer.input_scale, device=device)
+        layer.output_scale = torch.ones_like(layer.output_scale, device=device)
         if layer.weight.shape[0] > 1:  # quanto quantizes a one-row weight per tensor
             layer.weight = nn.Parameter(_weight_by_rows(layer))
         else:
@@ -170,17 +175,22 @@ class QuantoBackend(Backend[QuantoConfig]):
 
     def restore(self, module: nn.Module, state: LayerState, config: QuantoConfig, device: torch.device) -> nn.Module:
         """A `QLinear` made on meta for the saved types, filled by quanto's own deserializer from the stored tensors."""
-        from optimum.quanto import QLinear, qtypes
-
-        module = stored_linear(module, self.name)
-        activations = qtypes[f"q{config.activations_dtype}"] if config.activations_dtype else None
-        weights = qtypes[f"q{config.weights_dtype}"]
-        layer = QLinear.qcreate(module, weights=weights, activations=activations, device="meta")
+        layer = _qlinear_on_meta(stored_linear(module, self.name), config)
         try:
             layer.load_state_dict(state.tensors, strict=True, assign=True)
         except RuntimeError as error:
             raise ValueError(f"not a quanto {config.weights_dtype} layer: {error}") from error
         return layer.to(device)
+
+
+def _qlinear_on_meta(module: nn.Linear, config: QuantoConfig) -> nn.Module:
+    """quanto's `QLinear` of `module`'s shape and dtype for `config`'s types, on meta, built without initialisers."""
+    from optimum.quanto import QLinear, qtypes
+
+    activations = qtypes[f"q{config.activations_dtype}"] if config.activations_dtype else None
+    weights = qtypes[f"q{config.weights_dtype}"]
+    with no_init_on_meta():
+        return QLinear.qcreate(module, weights=weights, activations=activations, device="meta")
 
 
 def _weight_by_rows(layer: nn.Module) -> torch.Tensor:
@@ -221,10 +231,80 @@ def _weight_by_rows(layer: nn.Module) -> torch.Tensor:
         count = rows.shape[0]  # quanto lays groups out as rows of their own: fold them back per weight row
         return data.view(count, -1), scale.view(count, -1), shift.view(count, -1)
 
+    def packed_rows(rows: torch.Tensor) -> WeightQBitsTensor:
+        data, scale, shift = quantize_grouped_rows(rows)
+        group = group_size or rows.shape[1]
+        return WeightQBitsTensor.create(
+            qtype, 0, group_size, rows.size(), rows.stride(), data.view(-1, group), scale.view(-1, 1), shift.view(-1, 1)
+        )
+
+    if weight.device.type == "cpu":
+        try:
+            return _tinygemm_by_rows(weight, packed_rows)
+        except row_blocks.NotRowSeparable:  # not quanto's tinygemm layout: packed once, whole, below
+            pass
     data, scale, shift = row_blocks.quantize_by_rows(weight, quantize_grouped_rows, weight.device)
     group = group_size or weight.shape[1]
     return WeightQBitsTensor.create(
         qtype, 0, group_size, weight.size(), weight.stride(), data.view(-1, group), scale.view(-1, 1), shift.view(-1, 1)
+    )
+
+
+@functools.cache
+def cpu_int4_pack_tile() -> int | None:
+    """Rows per tile of torch's int4 packing for tinygemm on the CPU (`_convert_weight_to_int4pack_for_cpu`, which
+    quanto's tinygemm weights use), or None if no block of up to 256 rows packs independently.
+
+    The packing interleaves the rows of a tile (four float vectors' worth: 32 with AVX2, 64 with AVX512), so blocks
+    of rows starting at multiples of it pack to consecutive rows of the whole weight's packing. The size is torch's
+    build detail, not an API: it is found once by packing random codes whole and in blocks.
+    """
+    codes = torch.randint(0, 16, (1024, 128), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    whole = torch._convert_weight_to_int4pack_for_cpu(codes, innerKTiles=2)
+    for rows in (16, 32, 64, 128, 256):
+        blocks = [torch._convert_weight_to_int4pack_for_cpu(block, innerKTiles=2) for block in codes.split(rows)]
+        if torch.equal(torch.cat(blocks), whole):
+            return rows
+    return None
+
+
+def _tinygemm_by_rows(weight: torch.Tensor, packed_rows: Callable[[torch.Tensor], Any]) -> torch.Tensor:
+    """quanto's tinygemm int4 weight (what it makes of bfloat16 groups of 128 on the CPU), a block of rows at a time.
+
+    quanto quantizes the whole weight to one byte per code, then packs it through an int32 copy: temporaries of
+    2.5 times the bfloat16 weight, on top of it. Here each block of rows is quantized and packed by quanto's own
+    `WeightQBitsTensor.create` (`packed_rows`) and only the packed bytes and scales are kept, so one block's
+    temporaries exist at a time; same bytes (the per-group scales and shifts are per row, and the packing's tiles
+    stay within blocks, see `cpu_int4_pack_tile`). Raises `row_blocks.NotRowSeparable` where that does not hold, or
+    (after the first block) where quanto picks another layout (int2, float16 weights, other group sizes).
+    """
+    from optimum.quanto.tensor.weights.tinygemm import TinyGemmWeightQBitsTensor
+    from optimum.quanto.tensor.weights.tinygemm.packed import TinyGemmPackedTensor
+
+    tile = cpu_int4_pack_tile()
+    if tile is None:
+        raise row_blocks.NotRowSeparable("this torch's int4 packing does not pack blocks of rows independently")
+    qtype, group_size = None, None
+
+    def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        nonlocal qtype, group_size
+        packed = packed_rows(rows)
+        if type(packed) is not TinyGemmWeightQBitsTensor:
+            raise row_blocks.NotRowSeparable(f"quanto packs this weight as a {type(packed).__name__}")
+        qtype, group_size = packed.qtype, packed._group_size
+        # scales and shifts are laid out (groups, rows, 2): put the rows first to stack blocks of them
+        return packed._data._data, packed._scale_shift.transpose(0, 1)
+
+    data, scale_shift = row_blocks.quantize_by_rows(weight, quantize_rows, weight.device, align=tile)
+    contiguous_stride = (weight.shape[1], 1)
+    return TinyGemmWeightQBitsTensor(
+        qtype,
+        0,
+        group_size,
+        weight.size(),
+        weight.stride(),
+        TinyGemmPackedTensor(data, weight.size(), contiguous_stride),
+        scale_shift.transpose(0, 1).contiguous(),
     )
 
 

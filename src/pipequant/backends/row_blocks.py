@@ -32,25 +32,28 @@ class NotRowSeparable(ValueError):
     a packing across rows): the weight has to be quantized whole."""
 
 
-def rows_per_block(weight: torch.Tensor, device: torch.device) -> int:
-    """Rows per block for quantizing `weight` on `device`."""
+def rows_per_block(weight: torch.Tensor, device: torch.device, align: int = 1) -> int:
+    """Rows per block for quantizing `weight` on `device`: a multiple of `align`, at least `align`."""
     elements = BLOCK_ELEMENTS if device.type == "cpu" else GPU_BLOCK_ELEMENTS
-    return max(1, elements // max(1, weight[0].numel()))
+    rows = max(1, elements // max(1, weight[0].numel()))
+    return max(align, rows // align * align)
 
 
 def quantize_by_rows(
     weight: torch.Tensor,
     quantize_rows: Callable[[torch.Tensor], Sequence[torch.Tensor]],
     device: torch.device,
+    align: int = 1,
 ) -> list[torch.Tensor]:
     """Each output of `quantize_rows(weight[block])`, stacked over the blocks along dim 0.
 
-    `quantize_rows` returns tensors whose first dimension is the block's row count. Raises
+    `quantize_rows` returns tensors whose first dimension is the block's row count. Every block
+    starts at a multiple of `align` rows (for packings that interleave rows within tiles). Raises
     `NotRowSeparable` after the first block if it does not (nothing else has been computed).
     """
     rows = weight.shape[0]
     outputs: list[torch.Tensor] = []
-    for start, end in _block_bounds(rows, rows_per_block(weight, device)):
+    for start, end in _block_bounds(rows, rows_per_block(weight, device, align)):
         parts = quantize_rows(weight[start:end])
         if any(part.dim() == 0 or part.shape[0] != end - start for part in parts):
             shapes = [tuple(part.shape) for part in parts]

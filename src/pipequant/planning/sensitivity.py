@@ -21,6 +21,7 @@ from torch import nn
 
 from ..backends import backend_for
 from ..backends.base import BackendConfig, QuantizationConfigError
+from ..meta_modules import meta_linear
 from .sizing import ModelLayout
 
 #: rows read per layer; a multiple of 16, which quanto's int4 CPU kernel needs
@@ -71,7 +72,7 @@ def sample_error(
 ) -> float:
     """``||W - Q(W)|| / ||W||`` over `columns` of `weight` (rows of layer `name`), quantized with `config`."""
     backend = backend_for(config)
-    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta", dtype=weight.dtype)
+    layer = meta_linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
     layer.weight = nn.Parameter(weight, requires_grad=False)
     if not backend.takes(name, layer, config):
         raise QuantizationConfigError(f"{config!r} does not quantize {name}")

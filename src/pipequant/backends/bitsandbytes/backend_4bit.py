@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...meta_modules import no_init_on_meta
 from .. import bnb_chunked
 from ..base import Backend, LayerState, bias_nbytes, stored_linear
 from .config import BitsAndBytesConfig
@@ -155,15 +156,16 @@ def _linear4bit(module: nn.Linear, config: BitsAndBytesConfig, storage: torch.dt
     """
     import bitsandbytes as bnb
 
-    layer = bnb.nn.Linear4bit(
-        module.in_features,
-        module.out_features,
-        bias=module.bias is not None,
-        compute_dtype=config.bnb_4bit_compute_dtype,
-        compress_statistics=config.bnb_4bit_use_double_quant,
-        quant_type=config.bnb_4bit_quant_type,
-        quant_storage=storage,
-        device="meta",
-    )
+    with no_init_on_meta():
+        layer = bnb.nn.Linear4bit(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            compute_dtype=config.bnb_4bit_compute_dtype,
+            compress_statistics=config.bnb_4bit_use_double_quant,
+            quant_type=config.bnb_4bit_quant_type,
+            quant_storage=storage,
+            device="meta",
+        )
     layer.support_avx512bf16_for_cpu = False
     return layer

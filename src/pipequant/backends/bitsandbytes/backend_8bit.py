@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ... import kernels
+from ...meta_modules import no_init_on_meta
 from .. import int8_rows, row_blocks
 from ..base import Backend, LayerState, bias_nbytes, stored_linear
 from .config import BitsAndBytesConfig
@@ -107,14 +108,15 @@ def _linear8bit(
 ) -> nn.Module:
     import bitsandbytes as bnb
 
-    layer = bnb.nn.Linear8bitLt(
-        module.in_features,
-        module.out_features,
-        bias=module.bias is not None,
-        has_fp16_weights=False,
-        threshold=config.llm_int8_threshold,
-        device="meta",
-    )
+    with no_init_on_meta():
+        layer = bnb.nn.Linear8bitLt(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            has_fp16_weights=False,
+            threshold=config.llm_int8_threshold,
+            device="meta",
+        )
     param = bnb.nn.Int8Params(int8_weight, requires_grad=False, has_fp16_weights=False)
     param.CB = int8_weight
     param.SCB = row_scales

@@ -21,6 +21,7 @@ from diffusers.quantizers.gguf.gguf_quantizer import GGUFQuantizer
 from diffusers.quantizers.quantization_config import GGUFQuantizationConfig
 from torch import nn
 
+from ...meta_modules import meta_linear
 from .linear import GGUFLinear
 
 
@@ -55,12 +56,8 @@ class GGUFLayersQuantizer(GGUFQuantizer):
             if not isinstance(module, GGUFLinear):
                 continue
             weight = module.dequantized_weight()
-            linear = nn.Linear(
-                module.in_features,
-                module.out_features,
-                bias=module.bias is not None,
-                device="meta",
-                dtype=dtype or weight.dtype,
+            linear = meta_linear(
+                module.in_features, module.out_features, bias=module.bias is not None, dtype=dtype or weight.dtype
             )
             linear.weight = nn.Parameter(weight.to(linear.weight.dtype), requires_grad=False)
             if module.bias is not None:

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from ...meta_modules import meta_linear
 from ..base import Backend, LayerState, QuantizationConfigError, stored_linear
 from . import saving
 from .config import TorchAoConfig
@@ -62,9 +63,7 @@ class TorchAoBackend(Backend[TorchAoConfig]):
         Types whose quantizer needs CUDA kernels (int4wo, float8dq) refuse the meta device; for
         them this raises `QuantizationConfigError`.
         """
-        meta = nn.Linear(
-            module.in_features, module.out_features, bias=module.bias is not None, device="meta", dtype=dtype
-        )
+        meta = meta_linear(module.in_features, module.out_features, bias=module.bias is not None, dtype=dtype)
         try:
             return self.layer_nbytes(quantize_layer(meta.weight, meta.bias, config, torch.device("meta")))
         except (RuntimeError, ValueError) as error:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ... import kernels
+from ...meta_modules import meta_linear
 from .. import int8_rows, row_blocks
 from ..base import QuantizationConfigError
 from .config import TorchAoConfig
@@ -41,7 +42,7 @@ def quantize_layer(
     from torchao.quantization import quantize_
 
     out_features, in_features = weight.shape
-    layer = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
+    layer = meta_linear(in_features, out_features, bias=bias is not None)
     layer.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
     layer.bias = bias
     wrapper = nn.Sequential(layer)

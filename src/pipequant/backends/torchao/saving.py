@@ -13,6 +13,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from ...meta_modules import meta_linear
 from ..base import LayerState
 
 
@@ -61,7 +62,7 @@ def restore_linear(module: nn.Linear, state: LayerState, device: torch.device) -
         raise ValueError(
             f"the stored weight has shape {tuple(weight.shape)}, the layer {(module.out_features, module.in_features)}"
         )
-    layer = nn.Linear(module.in_features, module.out_features, bias=bias is not None, device="meta")
+    layer = meta_linear(module.in_features, module.out_features, bias=bias is not None)
     layer.weight = nn.Parameter(weight.to(device), requires_grad=False)
     if bias is not None:
         layer.bias = nn.Parameter(bias.to(device), requires_grad=False)

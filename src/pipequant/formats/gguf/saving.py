@@ -28,6 +28,7 @@ from ...backends.base import QuantizationConfigError
 from ...backends.gguf.config import GGUFQuantizationConfig, fitting_type, row_nbytes
 from ...checkpoint import SAFETENSORS_DTYPES, ComponentCheckpoint
 from ...markers import mark_quantized
+from ...meta_modules import meta_linear
 from ...quantizing import QuantizationRecord, keep_in_fp32_patterns, quantization_record
 from ...restoring import stored_quantization_config
 from ...streaming import (
@@ -278,7 +279,7 @@ class _OrderedReads:
         return_freed_memory()
         prefix = f"{module_name}." if module_name else ""
         weight = self.read(prefix + "weight")
-        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta")
+        linear = meta_linear(weight.shape[1], weight.shape[0], bias=has_bias)
         linear.weight = nn.Parameter(weight, requires_grad=False)
         if has_bias:
             linear.bias = nn.Parameter(self.read(prefix + "bias"), requires_grad=False)
