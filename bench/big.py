@@ -6,8 +6,8 @@ shard in memory), then loads it in fresh processes with the page cache dropped b
 (where this process may write /proc/sys/vm/drop_caches; otherwise it says so and the runs are warm):
 
 - a plain sequential read of the same files: the floor any load of them pays (the issue's goals are
-  ratios to it); and, for comparison, the same files read by two threads taking turns at 64 MiB pieces,
-  which on this machine's virtual disk is several times faster than one reader (and is how pipequant reads);
+  ratios to it); and, for comparison, the same files read by four threads taking turns at 64 MiB pieces
+  (pipequant reads with four threads, around the page cache);
 - pipequant in every CPU mode (bnb nf4, bnb int8, torchao int8wo, quanto int8, GGUF Q8_0, Q4_K);
 - diffusers where it runs on CPU (torchao int8wo, quanto int8);
 - the streamed export to a Q4_K .gguf file beside FOLDER (`export_gguf`, as `pipequant quantize --out x.gguf`),
@@ -169,7 +169,7 @@ def _diffusers_quanto_int8():
 # writes the Q4_K .gguf file (`pipequant quantize --out x.gguf`) instead of loading
 CASES = {
     "read": ("plain read", "sequential read of every shard", None),
-    "read-2-threads": ("parallel read", "every shard read by 2 threads, alternate 64 MiB pieces", None),
+    "read-4-threads": ("parallel read", "every shard read by 4 threads, alternate 64 MiB pieces", None),
     "write": ("plain write", "sequential write of the Q4_K file's size, synced", None),
     "pipequant-nf4": (
         "pipequant",
@@ -209,7 +209,7 @@ def plain_read(folder: Path) -> int:
     return total
 
 
-def parallel_read(folder: Path, threads: int = 2, piece: int = 64 * 2**20) -> int:
+def parallel_read(folder: Path, threads: int = 4, piece: int = 64 * 2**20) -> int:
     """Read every shard with `threads` threads, each reading every `threads`-th `piece` into its own buffer."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -355,7 +355,7 @@ def print_and_write(rows: dict[str, dict], largest: int, cold: bool) -> None:
         "runs",
         "s (median)",
         "/ read floor",
-        "/ 2-thread read",
+        "/ 4-thread read",
         "/ diffusers",
         "/ max(read, Q4_K load, write)",
         "model GB",
@@ -365,7 +365,7 @@ def print_and_write(rows: dict[str, dict], largest: int, cold: bool) -> None:
         "RSS / (model + largest)",
     ]
     floor = rows.get("read", {}).get("seconds")
-    parallel = rows.get("read-2-threads", {}).get("seconds")
+    parallel = rows.get("read-4-threads", {}).get("seconds")
     parts = [rows.get(name, {}).get("seconds") for name in ("read", "pipequant-gguf-q4_k", "write")]
     export_bound = max(parts) if all(parts) else None
     lines = []
@@ -382,7 +382,7 @@ def print_and_write(rows: dict[str, dict], largest: int, cold: bool) -> None:
                 f"{r['seconds']:.1f}",
                 f"{r['seconds'] / floor:.2f}" if floor and name not in ("read", "write") else "-",
                 f"{r['seconds'] / parallel:.2f}"
-                if parallel and name not in ("read", "read-2-threads", "write")
+                if parallel and name not in ("read", "read-4-threads", "write")
                 else "-",
                 f"{r['seconds'] / theirs['seconds']:.2f}" if theirs else "-",
                 f"{r['seconds'] / export_bound:.2f}" if export_bound and name == "export-gguf-q4_k" else "-",

@@ -11,7 +11,7 @@ the other with it. Here instead:
   memory, bypassing the cache: a 24 GB load neither pushes the user's other cached files out nor
   leaves 24 GB of its own pages behind. Where a file system refuses ``O_DIRECT`` (tmpfs), the range
   is read through the cache and then dropped from it (``POSIX_FADV_DONTNEED``).
-- `ReadAhead` reads the ranges the loader will want next from worker threads, up to a window of bytes
+- `ReadAhead` reads the ranges the loader will want next from `READERS` threads, up to a window of bytes
   ahead of the one it takes now: the disk works while the CPU quantizes, and a load costs about
   max(read, quantize) instead of their sum. Measured on this project's 2-core VM (a 2.2 GB shard, cache
   dropped): one buffered reader 0.5 GB/s using a whole core, two readers 1.8 GB/s; ``O_DIRECT`` 1.4 GB/s
@@ -40,8 +40,9 @@ import torch
 #: how many bytes `ReadAhead` holds read (or being read) that the loader has not taken yet: several
 #: layers of a 12 B model (113 MB in bf16), ~0.2 s of this machine's disk
 READ_AHEAD_BYTES = 256 * 2**20
-#: threads reading ahead: two keep this machine's disk queue full (one leaves it half idle)
-READERS = 2
+#: threads reading ahead, each one range at a time: the 12 B nf4 load here took 21-25 s with four,
+#: 27-29 s with two (the loader waited on the disk twice as long), no better with eight
+READERS = 4
 #: ranges below this are read through the page cache: an ``O_DIRECT`` read costs a mapping of its own,
 #: and a model's many small tensors (norms, biases) would each hold one
 DIRECT_MIN_BYTES = 2**20
