@@ -9,6 +9,7 @@
 
 void run_kquant_blocks(void *context, int64_t begin, int64_t end) {
 #if PIPEQUANT_X86_BUILDS
+    __builtin_cpu_init(); /* at once where already done (libgcc's constructor) */
     if (__builtin_cpu_supports("x86-64-v4")) {
         run_kquant_blocks_avx512(context, begin, end);
         return;

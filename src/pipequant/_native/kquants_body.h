@@ -39,7 +39,7 @@ INLINE int nearest_int(float value) {
 /* --- the searches for one sub-block's scale (and min) --- */
 
 /* Sixteen sub-blocks at a time: two groups of eight, one sub-block per vector lane (GCC vector
- * extensions: one AVX2 register where the loader finds it, two SSE registers elsewhere). Each lane
+ * extensions: one AVX2 register in the AVX2 and AVX-512 builds, two SSE registers elsewhere). Each lane
  * runs the reference's loop for its sub-block with the same float operations in the same order,
  * so the results are the scalar code's bit for bit; the reference's branches become per-lane
  * selects. Measured on one core: 4-7x the scalar code's throughput.
@@ -49,7 +49,11 @@ INLINE int nearest_int(float value) {
  * the float rounding of rounded_clamped and the levels recomputed once at the end (instead of
  * copied at every improvement), measured on one core: Q2_K..Q6_K 1.04-1.24x over one group at a
  * time. One group of sixteen lanes (AVX-512 registers) was slower: GCC 12 turns some of its
- * selects into scalar code. */
+ * selects into scalar code. Measured and not kept, on one Zen 4 core (no faster, within 2%): four
+ * groups (Q4_K four superblocks at a time, Q3_K two), x - min computed in the candidate loop
+ * instead of kept per weight, branchless updates of the best candidate, the candidate loop split
+ * by rounding_exact, and stopping an error sum once every lane is past its best (in 54% of the
+ * groups' candidates some lane is better, and the others pass their best within the last weights). */
 #define LANES 8
 #define GROUPS 2
 #define SUBBLOCKS (LANES * GROUPS)
