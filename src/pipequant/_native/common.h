@@ -7,9 +7,12 @@
 #include <string.h>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+/* GCC on x86-64: kernels are also built for AVX2 and AVX-512 CPUs, and the one for the CPU runs */
+#define PIPEQUANT_X86_BUILDS 1
 /* the block loops run in AVX2 / AVX-512 registers where the CPU has them; the loader picks the copy */
 #define BLOCK_KERNEL __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #else
+#define PIPEQUANT_X86_BUILDS 0
 #define BLOCK_KERNEL
 #endif
 /* for everything a BLOCK_KERNEL calls: inlined into each of its copies, so compiled for that target */

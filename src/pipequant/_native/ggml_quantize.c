@@ -8,15 +8,16 @@
 
 PyObject *ggml_quantize(PyObject *self, PyObject *args) {
     (void)self;
-    int type, dtype, threads;
+    int type, dtype, threads, portable = 0;
     unsigned long long source, out;
     Py_ssize_t blocks;
-    if (!PyArg_ParseTuple(args, "iKinKi", &type, &source, &dtype, &blocks, &out, &threads)) return NULL;
+    if (!PyArg_ParseTuple(args, "iKinKi|p", &type, &source, &dtype, &blocks, &out, &threads, &portable)) return NULL;
     quantize_job work = {type, ggml_block_bytes(type), (const void *)(uintptr_t)source, (enum source_dtype)dtype,
                          (uint8_t *)(uintptr_t)out};
     /* the family by block size: 32 weights, or a superblock of QK_K (the float types have no quantizer here) */
     const int weights = ggml_block_weights(type);
-    const range_fn run = weights == 32 ? run_legacy_blocks : weights == QK_K ? run_kquant_blocks : NULL;
+    const range_fn kquants = portable ? run_kquant_blocks_portable : run_kquant_blocks;
+    const range_fn run = weights == 32 ? run_legacy_blocks : weights == QK_K ? kquants : NULL;
     if (run == NULL) {
         PyErr_Format(PyExc_ValueError, "GGML type %d has no compiled quantizer", type);
         return NULL;

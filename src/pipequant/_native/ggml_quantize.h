@@ -14,6 +14,12 @@ typedef struct {
 
 /* blocks [begin, end) of a quantize_job (the parallel.h range_fn shape) */
 void run_legacy_blocks(void *context, int64_t begin, int64_t end);
+/* the K-quants by the build for this CPU (kquants.c), or by the build for any CPU (the same bytes) */
 void run_kquant_blocks(void *context, int64_t begin, int64_t end);
+void run_kquant_blocks_portable(void *context, int64_t begin, int64_t end);
+#if PIPEQUANT_X86_BUILDS
+void run_kquant_blocks_avx2(void *context, int64_t begin, int64_t end);
+void run_kquant_blocks_avx512(void *context, int64_t begin, int64_t end);
+#endif
 
 #endif

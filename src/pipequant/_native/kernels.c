@@ -13,8 +13,9 @@ static PyMethodDef methods[] = {
      "bnb4_quantize(source_ptr, source_dtype, count, bounds_ptr, order_ptr_or_0, blocksize, packed_ptr, "
      "absmax_ptr, threads): bitsandbytes' 4-bit codes, two per byte, and the float32 absmax of each block"},
     {"ggml_quantize", ggml_quantize, METH_VARARGS,
-     "ggml_quantize(ggml_type, source_ptr, source_dtype, blocks, out_ptr, threads): blocks of weights (float32 0, "
-     "bfloat16 1, float16 2) into GGML blocks of that type (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K .. Q6_K)"},
+     "ggml_quantize(ggml_type, source_ptr, source_dtype, blocks, out_ptr, threads, portable=False): blocks of "
+     "weights (float32 0, bfloat16 1, float16 2) into GGML blocks of that type (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, "
+     "Q2_K .. Q6_K); portable: the K-quants by their build for any CPU instead of this CPU's (same bytes)"},
     {"ggml_dequantize", ggml_dequantize, METH_VARARGS,
      "ggml_dequantize(ggml_type, raw_ptr, blocks, out_ptr, bf16_out, threads): GGML blocks into float32 (or "
      "bfloat16) values"},

@@ -22,9 +22,13 @@ def quantize_problem(source: torch.Tensor) -> str | None:
     return buffer_problem(source, "the weights", SOURCE_DTYPES)
 
 
-def quantize(ggml_type: GGMLType, source: torch.Tensor, out: torch.Tensor) -> None:
+def quantize(ggml_type: GGMLType, source: torch.Tensor, out: torch.Tensor, portable: bool = False) -> None:
     """Write the GGML blocks of `source` (whole blocks of weights, any shape) into `out` (uint8, one
-    `type_size` run of bytes per block). Block types only: F32, F16 and BF16 have no quantizer here."""
+    `type_size` run of bytes per block). Block types only: F32, F16 and BF16 have no quantizer here.
+
+    The K-quants are compiled for AVX-512 and AVX2 x86-64 CPUs besides any CPU, and run by the build
+    this CPU can run; `portable` runs the build for any CPU instead, which writes the same bytes (the
+    tests check it on machines whose CPU picks another)."""
     reason = quantize_problem(source)
     if reason is not None:
         raise KernelInputError(reason)
@@ -37,6 +41,7 @@ def quantize(ggml_type: GGMLType, source: torch.Tensor, out: torch.Tensor) -> No
         blocks,
         out.data_ptr(),
         torch.get_num_threads(),
+        portable,
     )
 
 
