@@ -90,17 +90,14 @@ class OpenFiles:
         first = source.offset // mmap.PAGESIZE
         end = -(-(source.offset + source.nbytes) // mmap.PAGESIZE)
         noted = self._cached_pages.get(source.path)
-        if noted is not None:
-            return len(noted) >= end and noted.count(0, first, end) == 0
-        try:
-            return (
-                page_residency(
-                    source.path, first * mmap.PAGESIZE, source.offset + source.nbytes - first * mmap.PAGESIZE
-                ).count(0)
-                == 0
-            )
-        except OSError:
-            return False
+        if noted is None:  # probe the range's pages now
+            start = first * mmap.PAGESIZE
+            try:
+                noted = page_residency(source.path, start, source.offset + source.nbytes - start)
+            except OSError:
+                return False
+            first, end = 0, end - first
+        return len(noted) >= end and noted.count(0, first, end) == 0
 
     def descriptor(self, path: Path) -> int:
         descriptor = self._open(path, direct=False)
