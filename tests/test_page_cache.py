@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 import pipequant
 from pipequant.checkpoint import ComponentCheckpoint
 from pipequant.page_cache import FileRange, OpenFiles, ReadAhead, ReadBuffers, page_residency, read_tensor
-from pipequant.testing.memory import mapped_rss, resident_pages
+from pipequant.testing.memory import anonymous_bytes, mapped_rss, resident_pages
 
 _PAGE = mmap.PAGESIZE
 
@@ -185,3 +185,14 @@ def test_tensors_kept_from_reused_buffers_keep_their_bytes(tmp_path: Path) -> No
         for index, tensor in kept.items():
             source = ranges[index]
             assert tensor.numpy().tobytes() == data[source.offset : source.offset + source.nbytes], (cold, index)
+
+
+def test_read_memory_counts_as_the_process_own(tmp_path: Path) -> None:
+    """Large reads land in private anonymous memory, which the memory probes (and the kernel) count as the
+    process's, not in shared memory."""
+    path = tmp_path / "data"
+    path.write_bytes(os.urandom(64 * 2**20))
+    before = anonymous_bytes()
+    tensor = read_tensor(OpenFiles(), FileRange(path, 0, 64 * 2**20), torch.uint8, (64 * 2**20,))
+    assert anonymous_bytes() - before >= 60 * 2**20
+    assert tensor.numel() == 64 * 2**20

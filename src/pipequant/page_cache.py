@@ -169,7 +169,7 @@ def _read(files: OpenFiles, source: FileRange, *, cached: bool, buffers: ReadBuf
         return data
     start = source.offset - source.offset % _DIRECT_ALIGNMENT
     end = -(-(source.offset + source.nbytes) // _DIRECT_ALIGNMENT) * _DIRECT_ALIGNMENT
-    buffer = buffers.get(end - start) if buffers is not None else mmap.mmap(-1, end - start)
+    buffer = buffers.get(end - start) if buffers is not None else private_memory(end - start)
     lead = source.offset - start
     descriptor = None if cached else files.direct_descriptor(source.path)
     try:
@@ -183,6 +183,12 @@ def _read(files: OpenFiles, source: FileRange, *, cached: bool, buffers: ReadBuf
         files.refuse_direct(source.path)  # took O_DIRECT at open, refuses its reads
         _read_through_cache(files, source, memoryview(buffer)[lead : lead + source.nbytes], drop=True)
     return torch.frombuffer(buffer, dtype=torch.uint8)[lead : lead + source.nbytes]
+
+
+def private_memory(nbytes: int) -> mmap.mmap:
+    """`nbytes` of page-aligned memory of the process's own (anonymous and private: Python's default for an
+    anonymous map is shared memory, which the kernel counts apart from the process's anonymous memory)."""
+    return mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)
 
 
 def _read_through_cache(files: OpenFiles, source: FileRange, into: memoryview, *, drop: bool) -> None:
@@ -232,7 +238,7 @@ class ReadBuffers:
             dropped.append(index)
         for index in reversed(dropped):
             del self._buffers[index]  # unmapped with its last reference
-        self._buffers.append(mmap.mmap(-1, size))
+        self._buffers.append(private_memory(size))
         return self._buffers[-1]
 
     def _is_idle(self, index: int) -> bool:
