@@ -321,8 +321,10 @@ class ReadAhead:
         self._scheduled = 0  # ranges[:_scheduled] are read ahead (if cold) or left to the loader
         self._reads: dict[int, Future[torch.Tensor]] = {}
         largest = max((source.nbytes for source in self._ranges), default=0)
-        # idle buffers for the next layers' reads: those in flight ahead, or the layer the loader reads itself
-        self._buffers = ReadBuffers(idle_limit=window + largest if any(self._cold) else 2 * largest)
+        # idle buffers for the next layers' reads: those in flight ahead; with none (all cached), what the
+        # loader reads now and the idle ones together stay within one range's size, the full-precision layer
+        # a streamed load holds anyway
+        self._buffers = ReadBuffers(idle_limit=window + largest if any(self._cold) else largest)
         self._executor = ThreadPoolExecutor(READERS, thread_name_prefix="pipequant-read") if any(self._cold) else None
         files.ahead = self
         self._schedule()
