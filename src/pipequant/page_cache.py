@@ -27,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import errno
+import math
 import mmap
 import os
 import sys
@@ -88,7 +89,7 @@ class OpenFiles:
         if source.nbytes == 0:
             return True
         first = source.offset // mmap.PAGESIZE
-        end = -(-(source.offset + source.nbytes) // mmap.PAGESIZE)
+        end = _round_up(source.offset + source.nbytes, mmap.PAGESIZE) // mmap.PAGESIZE
         noted = self._cached_pages.get(source.path)
         if noted is None:  # probe the range's pages now
             start = first * mmap.PAGESIZE
@@ -145,10 +146,7 @@ def read_tensor(files: OpenFiles, source: FileRange, dtype: torch.dtype, shape: 
     Taken from `files`' `ReadAhead` where it has read the range already. Raises EOFError when the file
     ends before the range does (a file truncated after its header was read); the caller names the file.
     """
-    expected = dtype.itemsize
-    for size in shape:
-        expected *= size
-    if source.nbytes != expected:
+    if source.nbytes != dtype.itemsize * math.prod(shape):
         raise ValueError(f"{source} holds {source.nbytes} bytes, not the {tuple(shape)} {dtype} asked for")
     ahead = files.ahead
     data = ahead.take(source) if ahead is not None else None
@@ -168,7 +166,7 @@ def _read(files: OpenFiles, source: FileRange, *, cached: bool, buffers: ReadBuf
         _read_through_cache(files, source, memoryview(data.numpy()), drop=not cached)
         return data
     start = source.offset - source.offset % _DIRECT_ALIGNMENT
-    end = -(-(source.offset + source.nbytes) // _DIRECT_ALIGNMENT) * _DIRECT_ALIGNMENT
+    end = _round_up(source.offset + source.nbytes, _DIRECT_ALIGNMENT)
     buffer = buffers.get(end - start) if buffers is not None else private_memory(end - start)
     lead = source.offset - start
     descriptor = None if cached else files.direct_descriptor(source.path)
@@ -216,7 +214,7 @@ class ReadBuffers:
 
     def get(self, nbytes: int) -> mmap.mmap:
         """An idle buffer of at least `nbytes`, else a new one."""
-        size = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
+        size = _round_up(nbytes, mmap.PAGESIZE)
         with self._lock:
             return self._get(size)
 
@@ -245,6 +243,10 @@ class ReadBuffers:
         return sys.getrefcount(self._buffers[index]) == 2  # this list's reference and the call's own
 
 
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
 def _read_fully(descriptor: int, buffer: memoryview, offset: int, source: FileRange, least: int | None = None) -> None:
     """Fill `buffer` from `offset`, or at least its first `least` bytes (then the file may end)."""
     least = len(buffer) if least is None else least
@@ -265,7 +267,7 @@ def page_residency(path: Path, offset: int = 0, nbytes: int | None = None) -> by
         raise OSError(errno.ENOSYS, "no mincore on this platform")
     if nbytes is None:
         nbytes = path.stat().st_size - offset
-    pages = -(-nbytes // mmap.PAGESIZE)
+    pages = _round_up(nbytes, mmap.PAGESIZE) // mmap.PAGESIZE
     if pages == 0:
         return b""
     residency = (ctypes.c_ubyte * pages)()
