@@ -14,7 +14,17 @@ from safetensors.torch import load_file, save_file
 
 import pipequant
 from pipequant.checkpoint import ComponentCheckpoint
-from pipequant.page_cache import FileRange, OpenFiles, ReadAhead, ReadBuffers, page_residency, read_tensor
+from pipequant.page_cache import (
+    PIECE_BYTES,
+    READ_AHEAD_BYTES,
+    FileRange,
+    OpenFiles,
+    ReadAhead,
+    ReadBuffers,
+    page_residency,
+    read_ahead_window,
+    read_tensor,
+)
 from pipequant.testing.memory import anonymous_bytes, mapped_rss, resident_pages
 
 _PAGE = mmap.PAGESIZE
@@ -109,6 +119,46 @@ def test_read_ahead_reads_within_its_window_and_gives_the_file_bytes(tmp_path: P
         assert tensor.numpy().tobytes() == data[start * 2**20 : (start + 1) * 2**20]
 
 
+def test_a_small_load_reads_ahead_a_window_of_a_fraction_of_its_bytes(tmp_path: Path) -> None:
+    """A 256 MB window would be a third of a 0.4 B model's memory: a small load holds one range ahead."""
+    path = tmp_path / "data"
+    path.write_bytes(os.urandom(8 * 2**20))
+    _evict(path)
+    ranges = [FileRange(path, offset, 2**20) for offset in range(0, 8 * 2**20, 2**20)]
+    with ReadAhead(OpenFiles(), ranges) as ahead:
+        assert ahead.pending_bytes == 2**20
+    assert read_ahead_window(2**40) == READ_AHEAD_BYTES
+
+
+def test_a_cold_range_of_several_pieces_reads_as_the_file(tmp_path: Path) -> None:
+    """The readers share a large range in pieces; it may start and end inside blocks, the end with the file's."""
+    path = tmp_path / "data"
+    data = os.urandom(2 * PIECE_BYTES + 12345)
+    path.write_bytes(data)
+    _evict(path)
+    source = FileRange(path, 3, len(data) - 3)
+    past_the_end = FileRange(path, 2**20, len(data))
+    files = OpenFiles()
+    with ReadAhead(files, [source, past_the_end], window=2**40):
+        assert read_tensor(files, source, torch.uint8, (source.nbytes,)).numpy().tobytes() == data[3:]
+        with pytest.raises(EOFError, match="ends inside"):
+            read_tensor(files, past_the_end, torch.uint8, (past_the_end.nbytes,))
+
+
+def test_closing_a_read_ahead_unmaps_its_idle_buffers(tmp_path: Path) -> None:
+    path = tmp_path / "data"
+    path.write_bytes(os.urandom(32 * 2**20))
+    _evict(path)
+    ranges = [FileRange(path, offset, 4 * 2**20) for offset in range(0, 32 * 2**20, 4 * 2**20)]
+    files = OpenFiles()
+    before = anonymous_bytes()
+    with ReadAhead(files, ranges, window=16 * 2**20) as ahead:
+        for source in ranges:
+            assert read_tensor(files, source, torch.uint8, (source.nbytes,)).numel() == source.nbytes
+    assert ahead.pending_bytes == 0
+    assert anonymous_bytes() - before < 2 * 2**20
+
+
 def test_cached_ranges_are_left_to_the_loader(tmp_path: Path) -> None:
     """A range already in the page cache is copied from there by the loader itself: no thread, no window."""
     path = tmp_path / "data"
@@ -196,3 +246,65 @@ def test_read_memory_counts_as_the_process_own(tmp_path: Path) -> None:
     tensor = read_tensor(OpenFiles(), FileRange(path, 0, 64 * 2**20), torch.uint8, (64 * 2**20,))
     assert anonymous_bytes() - before >= 60 * 2**20
     assert tensor.numel() == 64 * 2**20
+
+
+def test_a_transient_read_of_a_cached_range_views_the_file_while_the_tensor_lives(tmp_path: Path) -> None:
+    """No copy and no memory of the process's own for a weight the loader drops once quantized; the file's pages
+    leave the RSS with the tensor."""
+    path = tmp_path / "data"
+    data = os.urandom(16 * 2**20)
+    path.write_bytes(data)
+    path.read_bytes()
+    ranges = [FileRange(path, 4096 + 8, 8 * 2**20), FileRange(path, 9 * 2**20, 4 * 2**20)]
+    files = OpenFiles()
+    with ReadAhead(files, ranges):
+        before = anonymous_bytes()
+        view = read_tensor(files, ranges[0], torch.float32, (2**21,), transient=True)
+        assert view.numpy().tobytes() == data[ranges[0].offset : ranges[0].offset + ranges[0].nbytes]
+        assert anonymous_bytes() - before < 2**20
+        assert mapped_rss(path) >= 8 * 2**20
+        del view
+        assert mapped_rss(path) == 0
+        copied = read_tensor(files, ranges[1], torch.uint8, (4 * 2**20,))  # not transient: a copy of its own
+        assert mapped_rss(path) == 0 and copied.numpy().tobytes() == data[9 * 2**20 : 13 * 2**20]
+
+
+def test_copy_mapped_gives_a_kept_file_view_memory_of_its_own(tmp_path: Path) -> None:
+    """What a backend keeps of a transient read (the very bytes it was given) leaves the file unmapped."""
+    path = tmp_path / "data"
+    data = os.urandom(4 * 2**20)
+    path.write_bytes(data)
+    path.read_bytes()
+    source = FileRange(path, 0, 4 * 2**20)
+    files = OpenFiles()
+    with ReadAhead(files, [source]) as ahead:
+        kept = torch.nn.Parameter(read_tensor(files, source, torch.uint8, (4 * 2**20,), transient=True), False)
+        assert kept.numpy().tobytes() == data and mapped_rss(path) == len(data)  # (the comparison faulted it in)
+        ahead.copy_mapped([kept, torch.zeros(3)])
+        assert mapped_rss(path) == 0
+    assert kept.numpy().tobytes() == data and isinstance(kept, torch.nn.Parameter)
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["page-cached: file views", "evicted: reads"])
+def test_quantized_layers_are_the_same_from_file_views_and_no_file_page_stays_mapped(
+    tmp_path: Path, cached: bool
+) -> None:
+    """Layers of 1 MiB and more that are quantized come as views of a page-cached file (`transient`): the same
+    bytes as the loader's own reads, and nothing of the file mapped once the load is done."""
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(
+        in_channels=32, num_layers=1, num_single_layers=1, attention_head_dim=128, num_attention_heads=4,
+        joint_attention_dim=64, pooled_projection_dim=32, axes_dims_rope=(16, 56, 56),
+    ).to(torch.bfloat16)  # fmt: skip
+    folder = tmp_path / "transformer"
+    model.save_pretrained(folder)
+    for path in folder.glob("*.safetensors"):
+        path.read_bytes() if cached else _evict(path)
+    config = pipequant.GGUFQuantizationConfig(quant_type="Q8_0")
+    loaded = pipequant.load_model(FluxTransformer2DModel, folder, config, torch_dtype=torch.bfloat16)
+    assert mapped_rss(folder.resolve()) <= 64 * 1024  # the headers safetensors read
+    weight = model.transformer_blocks[0].ff.net[2].weight.detach()
+    assert weight.nbytes >= 2**20
+    raw = loaded.transformer_blocks[0].ff.net[2].weight
+    expected = pipequant.backends.gguf.codecs.quantize(weight, "Q8_0")
+    assert torch.equal(raw.view(torch.uint8).reshape(expected.shape), expected)

@@ -79,7 +79,10 @@ class Checkpoint(Protocol):
 
     def metadata(self) -> dict[str, str]: ...
 
-    def read(self, key: str, device: torch.device | str = "cpu") -> torch.Tensor: ...
+    def read(self, key: str, device: torch.device | str = "cpu", *, transient: bool = False) -> torch.Tensor:
+        """The tensor in memory of its own; with `transient` (the caller drops it once used, and gives what it
+        keeps to `ReadAhead.copy_mapped`), possibly a view of the file where the open read-ahead serves it."""
+        ...
 
     def read_ahead(self, keys: Sequence[str]) -> ReadAhead:
         """Read `keys` ahead, in the order `read` will be asked for them, while the returned object is open."""
@@ -148,8 +151,8 @@ class ComponentCheckpoint:
     def read_ahead(self, keys: Sequence[str]) -> ReadAhead:
         return ReadAhead(self._open_files, [self._ranges[key] for key in keys])
 
-    def read(self, key: str, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The tensor in memory of its own (never a view of the file), moved to `device`."""
+    def read(self, key: str, device: torch.device | str = "cpu", *, transient: bool = False) -> torch.Tensor:
+        """The tensor in memory of its own, moved to `device`; with `transient`, see `Checkpoint.read`."""
         stored = self.dtype(key)
         if stored not in SAFETENSORS_DTYPES:
             raise CheckpointError(
@@ -157,7 +160,9 @@ class ComponentCheckpoint:
                 f"(it reads {', '.join(SAFETENSORS_DTYPES)})."
             )
         try:
-            tensor = read_tensor(self._open_files, self._ranges[key], SAFETENSORS_DTYPES[stored], self.shape(key))
+            tensor = read_tensor(
+                self._open_files, self._ranges[key], SAFETENSORS_DTYPES[stored], self.shape(key), transient=transient
+            )
         except (EOFError, OSError) as error:
             raise CheckpointError(
                 f"{self._file_of[key]}: cannot read tensor {key!r} ({error}). The file is truncated or corrupt; "

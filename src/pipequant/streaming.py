@@ -88,7 +88,7 @@ def stream_model(
 
     owners = [(name, module) for name, module in model.named_modules() if _own_state_names(module)]
     reads = [_layer_reads(name, module, key_map, stored) for name, module in owners]
-    with checkpoint.read_ahead([key for keys in reads for key in keys.values()]):
+    with checkpoint.read_ahead([key for keys in reads for key in keys.values()]) as ahead:
         full_nbytes = 0
         parameter_count = 0
         for done, ((name, module), layer_reads) in enumerate(zip(owners, reads), start=1):
@@ -105,20 +105,23 @@ def stream_model(
                     on_layer(done, len(owners))
                 continue
             is_param = _own_state_names(module)
+            quantized = loading.quantized(name)
             for tensor_name, key in layer_reads.items():
-                tensor = loading.cast_stored(name, checkpoint.read(key, device))
+                # a quantized layer's tensors are dropped once quantized: they may be views of the file
+                tensor = loading.cast_stored(name, checkpoint.read(key, device, transient=quantized))
                 if is_param[tensor_name]:
                     module._parameters[tensor_name] = nn.Parameter(tensor, requires_grad=False)
                     parameter_count += tensor.numel()
                 else:
                     module._buffers[tensor_name] = tensor
                 full_nbytes += tensor.numel() * tensor.element_size()
-            if loading.quantized(name):
+            if quantized:
                 assert backend is not None and config is not None
                 layer = backend.quantize(name, module, config, device)
                 replace_module(model, name, layer, config)
                 if layer is not module:  # `owners` still holds the old layer: drop its full-precision tensors now
                     module._parameters.clear()
+                ahead.copy_mapped([*layer.parameters(), *layer.buffers()])
                 return_freed_memory()
             if on_layer is not None:
                 on_layer(done, len(owners))

@@ -71,13 +71,14 @@ class TensorPiece:
         row_nbytes = self.source.nbytes // self.file_shape[0]
         return FileRange(self.source.path, self.source.offset + self.start * row_nbytes, self.shape[0] * row_nbytes)
 
-    def raw(self, files: OpenFiles) -> torch.Tensor:
+    def raw(self, files: OpenFiles, transient: bool = False) -> torch.Tensor:
         """The piece's bytes in memory of its own (read with `files`, then dropped from the page cache): uint8,
-        one row of GGML blocks per row."""
+        one row of GGML blocks per row; with `transient`, see `Checkpoint.read`."""
         source = self.range
         rows = 1 if self._one_row else self.shape[0]
         try:
-            raw = read_tensor(files, source, torch.uint8, (rows, source.nbytes // rows if rows else 0))
+            shape = (rows, source.nbytes // rows if rows else 0)
+            raw = read_tensor(files, source, torch.uint8, shape, transient=transient)
         except (EOFError, OSError) as error:
             raise CheckpointError(
                 f"{source.path}: cannot read tensor {self.name!r} ({error}). The file is truncated or corrupt; "
@@ -88,9 +89,10 @@ class TensorPiece:
             raw = torch.cat((raw[half:], raw[:half]))
         return raw
 
-    def tensor(self, files: OpenFiles) -> torch.Tensor:
-        """The piece as a plain tensor: stored floats as they are, quantized weights dequantized to float32."""
-        raw = self.raw(files)
+    def tensor(self, files: OpenFiles, transient: bool = False) -> torch.Tensor:
+        """The piece as a plain tensor: stored floats as they are, quantized weights dequantized to float32; with
+        `transient`, see `Checkpoint.read`."""
+        raw = self.raw(files, transient)
         if self.ggml_type == "F32":
             return raw.view(torch.float32).reshape(self.shape)
         if self.ggml_type == "F16":
@@ -242,7 +244,7 @@ class GGUFCheckpoint:
         fallbacks = self.file.metadata.type_fallbacks
         return {f"{layer}.{REQUESTED_TYPE_KEY}": fallbacks[layer] for layer in self.gguf_layers if layer in fallbacks}
 
-    def read(self, key: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    def read(self, key: str, device: torch.device | str = "cpu", *, transient: bool = False) -> torch.Tensor:
         from ...backends.gguf.backend import type_id
 
         if key in self._type_keys:
@@ -250,8 +252,8 @@ class GGUFCheckpoint:
             return torch.tensor(type_id(piece.ggml_type), dtype=torch.int32, device=device)
         layer = key.removesuffix(".weight")
         if layer in self.gguf_layers and key.endswith(".weight"):
-            return self.gguf_layers[layer].raw(self.file.open_files).to(device)
-        return self._tensors[key].tensor(self.file.open_files).to(device)
+            return self.gguf_layers[layer].raw(self.file.open_files, transient).to(device)
+        return self._tensors[key].tensor(self.file.open_files, transient).to(device)
 
     def read_ahead(self, keys: Sequence[str]) -> ReadAhead:
         """Read the file ranges of `keys` ahead, in the order the loader reads them (see `page_cache`)."""

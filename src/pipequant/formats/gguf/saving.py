@@ -251,8 +251,9 @@ class _OrderedReads:
         return self._loading.stored_dtype(module_name, SAFETENSORS_DTYPES[self._checkpoint.dtype(key)])
 
     def read(self, full_name: str) -> torch.Tensor:
+        """The tensor, in its load dtype; possibly a view of the file, as the writer drops it once written."""
         key = self._key_map[full_name]
-        return self._loading.cast_stored(full_name.rpartition(".")[0], self._checkpoint.read(key))
+        return self._loading.cast_stored(full_name.rpartition(".")[0], self._checkpoint.read(key, transient=True))
 
     def layer_parts(self, module_name: str, *, has_bias: bool) -> dict[str, Callable[[], np.ndarray]]:
         """Makers of the GGUF layer's bytes, "weight" (its GGML blocks) and "bias" (a plain tensor), from the
