@@ -427,9 +427,9 @@ class ReadAhead:
     bytes ahead of the loader; `read_tensor` on the same `files` takes them while this is open.
 
     Only ranges not already in the page cache are read ahead (whether they are is checked once, here);
-    the loader reads cached ones itself when it takes them, or maps them (`transient`). Either way other large
-    ranges go into `ReadBuffers` shared by the whole load. A range the loader passes without taking is dropped, and one it asks for
-    out of order is read then (never twice into the window). `close` stops the threads.
+    the loader reads cached ones itself when it takes them, or maps them (`transient`). Other large ranges go
+    into `ReadBuffers` shared by the whole load. A range the loader passes without taking is dropped, and one it
+    asks for out of order is read then (never twice into the window). `close` stops the threads.
     """
 
     def __init__(self, files: OpenFiles, ranges: Sequence[FileRange], window: int | None = None) -> None:
