@@ -74,7 +74,8 @@ def test_only_the_wrappers_hand_addresses_to_c():
         for path in package.rglob("*.py")
         if re.search(r"\.data_ptr\(\)", path.read_text())
     }
-    assert users == {"kernels/int8_rows.py", "kernels/bnb4.py", "kernels/ggml.py"}
+    # page_cache compares a storage's address with its file mappings' and hands it to nothing
+    assert users == {"kernels/int8_rows.py", "kernels/bnb4.py", "kernels/ggml.py", "page_cache.py"}
 
 
 def test_checked_takes_keywords_only():
