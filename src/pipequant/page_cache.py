@@ -152,7 +152,7 @@ class OpenFiles:
 def read_tensor(
     files: OpenFiles, source: FileRange, dtype: torch.dtype, shape: Sequence[int], *, transient: bool = False
 ) -> torch.Tensor:
-    """The bytes of `source` as a `dtype` tensor of `shape`, in memory of its own (never a file mapping).
+    """The bytes of `source` as a `dtype` tensor of `shape`, in memory of its own.
 
     Taken from `files`' `ReadAhead` where it has read the range already. With `transient` (the caller drops the
     tensor once used, as a loader drops a weight once quantized), a large range in the page cache that the open
