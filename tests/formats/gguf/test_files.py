@@ -302,6 +302,22 @@ def test_a_killed_export_keeps_the_file_and_the_next_one_cleans_up(exported, tmp
     assert [p.name for p in tmp_path.iterdir()] == ["t.gguf"]
 
 
+def test_a_failed_write_is_raised_and_leaves_nothing(exported, tmp_path, monkeypatch):
+    """The tensors are written from a thread of their own: its error (here a full disk) reaches the caller, and
+    neither the file nor a temporary is left."""
+    written = []
+
+    def write_tensor_data(self, tensor, *args, **kwargs):
+        if len(written) == 3:
+            raise OSError(28, "No space left on device")
+        written.append(tensor.nbytes)
+
+    monkeypatch.setattr(GGUFWriter, "write_tensor_data", write_tensor_data)
+    with pytest.raises(OSError, match="No space left"):
+        save_gguf(load_model(FluxTransformer2DModel, exported), tmp_path / "t.gguf")
+    assert len(written) == 3 and list(tmp_path.iterdir()) == []
+
+
 # --- clear errors ---------------------------------------------------------------------------------
 
 

@@ -168,11 +168,12 @@ def _stored_state(
             requested = planned.config.type_for(name)
             ggml_type = fitting_type(requested, module.in_features, planned.dtype(name, "weight"))
             makers = planned.layer_parts(name, has_bias=module.bias is not None)
+            reads = tuple(prefix + part for part in makers)  # what making either part reads: the whole layer
             shape = (module.out_features, row_nbytes(ggml_type, module.in_features))
-            tensors[prefix + "weight"] = StoredTensor(ggml_type, [LazyPart(shape, makers["weight"], prefix + "weight")])
+            tensors[prefix + "weight"] = StoredTensor(ggml_type, [LazyPart(shape, makers["weight"], reads)])
             if module.bias is not None:
                 qtype, byte_shape = _plain_type(prefix + "bias", (module.out_features,), torch.float32)
-                tensors[prefix + "bias"] = StoredTensor(qtype, [LazyPart(byte_shape, makers["bias"], prefix + "bias")])
+                tensors[prefix + "bias"] = StoredTensor(qtype, [LazyPart(byte_shape, makers["bias"], reads)])
             requested = requested if ggml_type != requested else None
         else:
             non_persistent = getattr(module, "_non_persistent_buffers_set", set())
@@ -200,7 +201,7 @@ def _plain(name: str, tensor: torch.Tensor, planned: _OrderedReads | None = None
         return StoredTensor(_plain_type(name, tuple(tensor.shape), tensor.dtype)[0], [data])
     module_name, _, key = name.rpartition(".")
     qtype, byte_shape = _plain_type(name, tuple(tensor.shape), planned.dtype(module_name, key))
-    return StoredTensor(qtype, [LazyPart(byte_shape, lambda: _plain_bytes(name, planned.read(name)), source=name)])
+    return StoredTensor(qtype, [LazyPart(byte_shape, lambda: _plain_bytes(name, planned.read(name)), (name,))])
 
 
 def _plain_type(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[str, tuple[int, ...]]:
@@ -288,8 +289,12 @@ class _OrderedReads:
 
     @contextlib.contextmanager
     def ahead(self, tensors: dict[str, StoredTensor]) -> Iterator[None]:
-        """Read ahead in the order the writer makes `tensors` (BFL stacking keeps each tensor's parts in order)."""
-        sources = [part.source for tensor in tensors.values() for part in tensor.parts if isinstance(part, LazyPart)]
+        """Read ahead in the order the writer makes `tensors` reads them (BFL stacking keeps each tensor's parts in
+        order): a range asked for out of that order is read by the writer itself, while the disk waits (the 12 B
+        Q4_K export read 7.6 s of its 82 s so, when q, k and v weights were read ahead in order but each layer read
+        its bias too)."""
+        parts = [part for tensor in tensors.values() for part in tensor.parts if isinstance(part, LazyPart)]
+        sources = dict.fromkeys(source for part in parts for source in part.sources)  # each at its first read
         with self._checkpoint.read_ahead([self._key_map[source] for source in sources]):
             yield
 
