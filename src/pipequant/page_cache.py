@@ -235,7 +235,7 @@ def _file_view(files: OpenFiles, source: FileRange) -> tuple[torch.Tensor, _Mapp
     and that mapping."""
     descriptor = files.descriptor(source.path)
     if os.fstat(descriptor).st_size < source.offset + source.nbytes:  # a page past the end would fault (SIGBUS)
-        raise EOFError(f"{source.path} ends inside bytes {source.offset}..{source.offset + source.nbytes}")
+        raise _ends_inside(source)
     start = source.offset - source.offset % mmap.ALLOCATIONGRANULARITY
     # writable (copy-on-write, so the file never changes) because torch wants a writable buffer
     mapping = mmap.mmap(
@@ -324,6 +324,11 @@ class ReadBuffers:
             self._buffers.clear()
 
 
+def _ends_inside(source: FileRange) -> EOFError:
+    """The error for a file that ends before `source` does (truncated after its header was read)."""
+    return EOFError(f"{source.path} ends inside bytes {source.offset}..{source.offset + source.nbytes}")
+
+
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
@@ -338,7 +343,7 @@ def _read_fully(descriptor: int, buffer: memoryview, offset: int, source: FileRa
             break
         done += count
     if done < least:
-        raise EOFError(f"{source.path} ends inside bytes {source.offset}..{source.offset + source.nbytes}")
+        raise _ends_inside(source)
 
 
 def page_residency(path: Path, offset: int = 0, nbytes: int | None = None) -> bytes:
