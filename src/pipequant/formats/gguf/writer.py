@@ -130,6 +130,10 @@ def main_type(tensors: dict[str, StoredTensor]) -> str:
     return weights.most_common(1)[0][0] if weights else "F32"
 
 
+#: writes made and not yet done, at most
+_WRITES_WAITING = 2
+
+
 def _write_tensor_data(writer: GGUFWriter, tensors: Iterable[StoredTensor]) -> None:
     """Each tensor's bytes, made here and written by a thread of its own while the next tensors are made.
 
@@ -147,10 +151,6 @@ def _write_tensor_data(writer: GGUFWriter, tensors: Iterable[StoredTensor]) -> N
             writes.append(pool.submit(writer.write_tensor_data, data))
         for write in writes:
             write.result()
-
-
-#: writes made and not yet done, at most
-_WRITES_WAITING = 2
 
 
 def write_gguf(
